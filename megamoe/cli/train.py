@@ -1,0 +1,45 @@
+"""megamoe-train: pretrain a model from a YAML config and command-line overrides.
+
+    megamoe-train --config examples/quickstart.yaml --train-iters 100
+    torchrun --nproc_per_node 2 -m megamoe.cli.train --config ... --expert-model-parallel-size 2
+    mpirun -n 2 megamoe-train --config ...
+
+Every key is `--section.key value`; Megatron's flags (--tensor-model-parallel-size, --lr, --save ...)
+are accepted too. `--help-config` lists them all.
+"""
+import argparse
+import sys
+
+from megamoe.checkpoint import CheckpointError
+from megamoe.config import ConfigError, add_config_arguments, build_config, describe_keys
+from megamoe.data import DataError
+
+# Errors in what the user gave (config, data, checkpoint): one clear line, no traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="megamoe-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    args, overrides = parser.parse_known_args(argv)
+    if args.help_config:
+        print(describe_keys())
+        return 0
+    try:
+        cfg = build_config(args.config, overrides)
+        from megamoe.training.trainer import train
+        summary = train(cfg)
+    except USER_ERRORS as e:
+        print(f"megamoe-train: error: {e}", file=sys.stderr)
+        return 2
+    final = summary["final"]
+    if summary.get("metrics"):
+        print(f"[megamoe] done: step {summary['step']}, loss {final.get('loss', float('nan')):.4f}; "
+              f"metrics {summary['metrics']}, plot {summary['plot']}"
+              + (f", checkpoint {summary['checkpoint']}" if summary["checkpoint"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

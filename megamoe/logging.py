@@ -1,0 +1,94 @@
+"""Rank-0 progress lines and the per-run metrics file (JSON lines, one object per logged step)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch.distributed as dist
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_logger(name: str = "megamoe") -> logging.Logger:
+    """A logger that prints on rank 0 only ('[megamoe] message'); other ranks log warnings and above."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if _rank() == 0 else logging.WARNING)
+    return logger
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class MetricsWriter:
+    """Appends one JSON object per call to <log_dir>/metrics.jsonl (rank 0 only) and flushes it,
+    so a crashed run keeps every step it logged. Other tools read the file with `read_metrics`."""
+
+    def __init__(self, log_dir: Optional[str]):
+        self.path = os.path.join(log_dir, METRICS_FILE) if log_dir else None
+        self._file = None
+        if self.path and _rank() == 0:
+            os.makedirs(log_dir, exist_ok=True)
+            self._file = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        if self._file:
+            self._file.write(json.dumps(record, allow_nan=True) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(path: str) -> list:
+    """Records of a metrics.jsonl file (or of the file in a run folder)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, METRICS_FILE)
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """The rank-0 progress line: step, losses, lr, tokens/s, ETA."""
+
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.start_time = time.perf_counter()
+
+    def eta(self, step: int) -> float:
+        done = step - self.start_step
+        if done <= 0:
+            return float("nan")
+        return (time.perf_counter() - self.start_time) / done * (self.total_steps - step)
+
+    def line(self, step: int, record: dict) -> str:
+        parts = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"]
+        for key, label, fmt in (("loss", "loss", ".4f"), ("lm_loss", "lm", ".4f"), ("aux_loss", "aux", ".4f"),
+                                ("lr", "lr", ".2e"), ("grad_norm", "gnorm", ".3f"),
+                                ("tokens_per_s", "tok/s", ",.0f"), ("mfu", "mfu", ".1%")):
+            if record.get(key) is not None:
+                parts.append(f"{label} {format(record[key], fmt)}")
+        parts.append(f"ETA {format_duration(self.eta(step))}")
+        return " | ".join(parts)

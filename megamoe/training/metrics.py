@@ -1,0 +1,92 @@
+"""Where a run's metrics go: progress line, metrics.jsonl, TensorBoard, and loss.png at the end."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from megamoe.config import Config
+from megamoe.logging import MetricsWriter, Progress, get_logger, read_metrics
+
+log = get_logger()
+
+
+def flops_per_token(counts: dict, cfg: Config) -> float:
+    """Training FLOPs per token: 6 x active matmul parameters (forward 2, backward 4; the non-embedding
+    parameters plus the LM head, whose matmul runs even when tied to the embedding), plus attention's
+    6 x 2 x L x d_model per attention layer (scores and weighted sum) and the scan's ~ 9 x d_inner x d_state
+    per Mamba layer (forward and backward of the elementwise recurrence)."""
+    m = cfg.model
+    attention = m.pattern.count("A") * 12 * cfg.data.seq_length * m.d_model
+    scan = m.pattern.count("M") * 9 * m.d_inner * m.d_state * 3
+    matmul = counts["active_non_embedding"] + m.vocab_size * m.d_model
+    return 6.0 * matmul + attention + scan
+
+
+class RunLogger:
+    """Rank 0 writes; other ranks hold an inert logger."""
+
+    def __init__(self, log_dir: str, cfg: Config, counts: dict, topo):
+        self.log_dir = log_dir
+        self.cfg = cfg
+        self.topo = topo
+        self.metrics = MetricsWriter(log_dir if topo.is_rank0 else None)
+        self.flops_per_token = flops_per_token(counts, cfg)
+        self.tb = None
+        if topo.is_rank0 and cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
+            except ImportError:
+                log.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def log(self, record: dict, progress: Progress) -> None:
+        peak = self.cfg.logging.peak_tflops
+        if peak:
+            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (peak * 1e12 * self.topo.world_size)
+        if not self.topo.is_rank0:
+            return
+        log.info(progress.line(record["step"], record)
+                 + (f" | valid {record['valid_loss']:.4f}" if "valid_loss" in record else ""))
+        self.metrics.write(record)
+        if self.tb:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()
+
+    def close(self) -> Optional[str]:
+        """Close writers and plot the loss curves; returns the plot's path (rank 0)."""
+        self.metrics.close()
+        if self.tb:
+            self.tb.close()
+        if not (self.topo.is_rank0 and self.metrics.path and os.path.exists(self.metrics.path)):
+            return None
+        return plot_losses(read_metrics(self.metrics.path), os.path.join(self.log_dir, "loss.png"))
+
+
+def plot_losses(records: list, path: str) -> str:
+    """Train loss (raw and EMA-smoothed, as the paper reports) and validation loss against step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records if "lm_loss" in r]
+    train = [r["lm_loss"] for r in records if "lm_loss" in r]
+    ema, smoothed = None, []
+    for v in train:
+        ema = v if ema is None else 0.9 * ema + 0.1 * v
+        smoothed.append(ema)
+    valid = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, train, alpha=0.3, color="C0", label="train LM loss")
+    ax.plot(steps, smoothed, color="C0", label="train LM loss (EMA 0.9)")
+    if valid:
+        ax.plot(*zip(*valid), "o-", color="C1", label="valid loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

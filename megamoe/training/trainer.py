@@ -1,0 +1,208 @@
+"""The training loop: one visible loop over optimizer steps, each over micro-batches.
+
+`train(cfg)` validates the config, starts the process groups, builds tokenizer, model, optimizer and
+data, optionally resumes, then runs: micro-batches with gradient accumulation -> gradient reduction
+over data-parallel replicas -> global-norm clipping -> AdamW step, with periodic logging, validation
+and checkpoints. Returns a summary dict (final losses, paths) for callers and tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megamoe.config import Config, ConfigError
+from megamoe.logging import MetricsWriter, Progress, get_logger
+from megamoe.parallel import Topology, detect_launch_env, init_distributed, set_seed
+from megamoe.parallel.data_parallel import allreduce_gradients, clip_gradients
+from megamoe.training.optimizer import build_optimizer, optimizer_backend
+from megamoe.training.schedule import lr_at
+
+log = get_logger()
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides model and optimizer: saved in every checkpoint."""
+
+    step: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+    history: list = field(default_factory=list)  # (step, valid_loss) of past evaluations, for the plot
+
+
+def resolve_vocab_size(cfg: Config, tokenizer_vocab: int | None, tp: int) -> int:
+    """The model's vocab: as configured, else the tokenizer's padded to a multiple of
+    make_vocab_size_divisible_by x TP (Megatron's rule, so every TP shard is the same size)."""
+    if cfg.model.vocab_size is not None:
+        if tokenizer_vocab is not None and cfg.model.vocab_size < tokenizer_vocab:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"{tokenizer_vocab} pieces ({cfg.data.tokenizer_model}); leave it unset")
+        return cfg.model.vocab_size
+    if tokenizer_vocab is None:
+        raise ConfigError("model.vocab_size is not set and there is no --tokenizer-model to take it from")
+    multiple = cfg.model.make_vocab_size_divisible_by * tp
+    return int(math.ceil(tokenizer_vocab / multiple) * multiple)
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.training.bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _fp8_context(cfg: Config):
+    if not cfg.training.fp8:
+        return contextlib.nullcontext()
+    try:
+        import transformer_engine.pytorch as te
+        from transformer_engine.common.recipe import DelayedScaling, Format
+    except ImportError:
+        raise ConfigError(f"training.fp8={cfg.training.fp8!r} needs Transformer Engine, which is not "
+                          "importable here; install megamoe[gpu] (or use the NGC container) or unset fp8") from None
+    fmt = Format.HYBRID if cfg.training.fp8 == "hybrid" else Format.E4M3
+    return te.fp8_autocast(enabled=True, fp8_recipe=DelayedScaling(fp8_format=fmt))
+
+
+def _mean_over_dp(values: torch.Tensor, topo: Topology) -> torch.Tensor:
+    if topo.dp > 1:
+        values = values.to(topo.device)
+        dist.all_reduce(values, group=topo.dp_group)
+        values = values / topo.dp
+    return values.cpu()
+
+
+def train_step(model, optimizer, batches, cfg: Config, topo: Topology, lr: float) -> dict:
+    """One optimizer step over `batches` (this rank's micro-batches); returns step metrics."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    sums = torch.zeros(4)  # loss, lm_loss, aux_loss, z_loss
+    dropped = 0.0
+    tokens_per_expert = None
+    for batch in batches:
+        with _autocast(cfg, topo.device), _fp8_context(cfg):
+            out = model(batch["tokens"].to(topo.device), labels=batch["labels"].to(topo.device),
+                        loss_mask=batch["loss_mask"].to(topo.device))
+        (out.loss / len(batches)).backward()
+        sums += torch.stack([out.loss.detach().float().cpu(), out.lm_loss.detach().float().cpu(),
+                             torch.as_tensor(out.aux_loss).detach().float().cpu(),
+                             torch.as_tensor(out.z_loss).detach().float().cpu()])
+        stats = out.moe_stats or {}
+        if "tokens_per_expert" in stats:
+            tpe = stats["tokens_per_expert"].detach().cpu()
+            tokens_per_expert = tpe if tokens_per_expert is None else tokens_per_expert + tpe
+            dropped += float(stats["fraction_dropped"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    allreduce_gradients(params, topo)
+    grad_norm = clip_gradients(params, cfg.optimizer.clip_grad, topo)
+    optimizer.step()
+    loss, lm, aux, z = _mean_over_dp(sums / len(batches), topo).tolist()
+    record = dict(loss=loss, lm_loss=lm, aux_loss=aux, z_loss=z, lr=lr, grad_norm=grad_norm)
+    if tokens_per_expert is not None:
+        load = tokens_per_expert.float().sum(0)
+        record["expert_load_max_over_mean"] = float(load.max() / load.mean().clamp(min=1e-9))
+        record["fraction_dropped"] = dropped / len(batches)
+    return record
+
+
+@torch.no_grad()
+def evaluate(model, batches, cfg: Config, topo: Topology) -> float:
+    """Mean LM loss over the given validation micro-batches, averaged over data-parallel ranks."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros(()), 0
+    for batch in batches:
+        with _autocast(cfg, topo.device):
+            out = model(batch["tokens"].to(topo.device), labels=batch["labels"].to(topo.device),
+                        loss_mask=batch["loss_mask"].to(topo.device))
+        total += out.lm_loss.float().cpu()
+        count += 1
+    model.train(was_training)
+    return float(_mean_over_dp(total / max(count, 1), topo))
+
+
+def _set_threads(cfg: Config, local_world_size: int) -> None:
+    if torch.cuda.is_available():
+        return
+    threads = cfg.training.torch_threads or max(1, (os.cpu_count() or 1) // local_world_size)
+    torch.set_num_threads(threads)
+
+
+def _log_dir(cfg: Config) -> str:
+    return cfg.logging.log_dir or cfg.checkpoint.save or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+def train(cfg: Config) -> dict:
+    """Run a whole training job as configured; returns a summary dict."""
+    from megamoe.data import build_data_iterators, load_tokenizer
+    from megamoe.model import build_model, count_parameters
+    from megamoe import checkpoint
+    from megamoe.training.metrics import RunLogger
+
+    env = detect_launch_env()
+    cfg.validate(env.world_size)
+    _set_threads(cfg, env.local_world_size)
+    topo = init_distributed(cfg.parallel)
+    set_seed(cfg.training.seed)
+
+    tokenizer = None if cfg.data.mock and not cfg.data.tokenizer_model else load_tokenizer(cfg.data.tokenizer_model)
+    cfg.model.vocab_size = resolve_vocab_size(cfg, tokenizer.vocab_size if tokenizer else None, topo.tp)
+    model = build_model(cfg.model).to(topo.device)
+    optimizer = build_optimizer(model, cfg.optimizer, topo.device)
+    state = TrainState()
+    if cfg.checkpoint.load:
+        state = checkpoint.load(cfg.checkpoint.load, model, optimizer, cfg, topo)
+
+    log_dir = _log_dir(cfg)
+    counts = count_parameters(cfg.model)
+    log.info(topo.describe())
+    log.info(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token "
+             f"(pattern {cfg.model.pattern}); optimizer: {optimizer_backend(topo.device)}; "
+             f"precision: {'bf16 autocast' if cfg.training.bf16 else 'fp32'}")
+    log.info("resolved config:\n" + cfg.to_yaml())
+    if topo.is_rank0:
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, "config.yaml"), "w") as f:
+            f.write(cfg.to_yaml())
+
+    train_iter, valid_batches = build_data_iterators(
+        cfg, topo.dp_rank, topo.dp, consumed_train_samples=state.consumed_train_samples,
+        vocab_size=cfg.model.vocab_size)
+    tcfg = cfg.training
+    num_micro = tcfg.global_batch_size // (tcfg.micro_batch_size * topo.dp)
+    tokens_per_step = tcfg.global_batch_size * cfg.data.seq_length
+    run_log = RunLogger(log_dir, cfg, counts, topo)
+    progress = Progress(tcfg.train_iters, state.step)
+    record = {}
+    model.train()
+    while state.step < tcfg.train_iters:
+        start = time.perf_counter()
+        batches = [next(train_iter) for _ in range(num_micro)]
+        record = train_step(model, optimizer, batches, cfg, topo, lr_at(state.step, cfg.optimizer, tcfg.train_iters))
+        state.step += 1
+        state.consumed_train_samples += tcfg.global_batch_size
+        elapsed = time.perf_counter() - start
+        record.update(step=state.step, consumed_samples=state.consumed_train_samples,
+                      tokens_per_s=tokens_per_step / elapsed, step_time_s=elapsed)
+        if not all(math.isfinite(record[k]) for k in ("loss", "grad_norm")):
+            raise FloatingPointError(f"step {state.step}: loss {record['loss']} / grad norm {record['grad_norm']} "
+                                     "is not finite; lower --lr or check the data")
+        last = state.step == tcfg.train_iters
+        if tcfg.eval_interval and (state.step % tcfg.eval_interval == 0 or last) and valid_batches:
+            record["valid_loss"] = evaluate(model, valid_batches(), cfg, topo)
+            record["valid_ppl"] = math.exp(min(record["valid_loss"], 50.0))
+            state.history.append((state.step, record["valid_loss"]))
+        if state.step % cfg.logging.log_interval == 0 or last or "valid_loss" in record:
+            run_log.log(record, progress)
+        if cfg.checkpoint.save and (last or (cfg.checkpoint.save_interval
+                                             and state.step % cfg.checkpoint.save_interval == 0)):
+            checkpoint.save(cfg.checkpoint.save, model, optimizer, state, cfg, topo)
+    plot = run_log.close()
+    return dict(final=record, log_dir=log_dir, plot=plot, step=state.step,
+                checkpoint=cfg.checkpoint.save, metrics=run_log.metrics.path)

@@ -1,0 +1,41 @@
+"""megamoe: distributed pretraining of MoE-Mamba language models (Mamba-1 + Switch MoE)."""
+from setuptools import find_packages, setup
+
+# The Triton kernels live in the top-level kernels/ folder but install as `megamoe.kernels`,
+# so they never shadow the unrelated `kernels` package on PyPI.
+packages = find_packages(include=["megamoe", "megamoe.*"]) + ["megamoe.kernels"]
+
+setup(
+    name="megamoe",
+    version="0.1.0",
+    description="Distributed pretraining of MoE-Mamba language models with Megatron-style parallelism",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"megamoe.kernels": "kernels"},
+    package_data={"megamoe": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16",
+        "triton>=3.0",
+        "sentencepiece>=0.2",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
+        "safetensors",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]"],
+        "mpi": ["mpi4py", "mpich"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.40", "mambapy"],
+    },
+    entry_points={
+        "console_scripts": [
+            "megamoe-train=megamoe.cli.train:main",
+            "megamoe-quickstart=megamoe.cli.quickstart:main",
+        ]
+    },
+)

@@ -1,0 +1,44 @@
+"""Gradient averaging over data-parallel replicas, and a global norm that counts each parameter once."""
+import math
+
+import torch
+
+from megamoe.config import ParallelConfig
+from megamoe.parallel import init_distributed
+from megamoe.parallel.data_parallel import allreduce_gradients, clip_gradients, global_grad_norm
+from megamoe.testing import run_on_ranks
+
+
+def _dp_average():
+    topo = init_distributed(ParallelConfig())
+    dense = torch.nn.Parameter(torch.zeros(3))
+    expert = torch.nn.Parameter(torch.zeros(2))
+    expert.is_expert = True
+    dense.grad = torch.full((3,), float(topo.rank + 1))
+    expert.grad = torch.full((2,), float(10 * (topo.rank + 1)))
+    allreduce_gradients([dense, expert], topo, bucket_bytes=4)  # tiny buckets: one tensor each
+    return dense.grad.tolist(), expert.grad.tolist()
+
+
+def test_dp2_averages_dense_and_expert_gradients():
+    for dense, expert in run_on_ranks(_dp_average, 2):
+        assert dense == [1.5] * 3 and expert == [15.0] * 2
+
+
+def _tp_norm():
+    topo = init_distributed(ParallelConfig(tensor_model_parallel_size=2))
+    shard = torch.nn.Parameter(torch.zeros(2))
+    shard.tensor_model_parallel = True
+    replicated = torch.nn.Parameter(torch.zeros(1))
+    shard.grad = torch.full((2,), float(topo.tp_rank + 1))  # full gradient [1, 1, 2, 2]
+    replicated.grad = torch.tensor([3.0])  # the same on both TP ranks: counted once
+    norm = global_grad_norm([shard, replicated], topo)
+    clipped = clip_gradients([shard, replicated], 1.0, topo)
+    return norm, clipped, global_grad_norm([shard, replicated], topo)
+
+
+def test_tp2_norm_counts_replicated_parameters_once():
+    expected = math.sqrt(1 + 1 + 4 + 4 + 9)
+    for norm, before, after in run_on_ranks(_tp_norm, 2):
+        assert math.isclose(norm, expected, rel_tol=1e-6) and math.isclose(before, expected, rel_tol=1e-6)
+        assert math.isclose(after, 1.0, rel_tol=1e-5)

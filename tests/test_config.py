@@ -1,0 +1,97 @@
+"""Config: YAML + command line, Megatron flag names, and validation that names the key and the fix."""
+import pytest
+
+from megamoe.config import Config, ConfigError, build_config, config_from_dict
+
+
+def _valid(**sections) -> Config:
+    cfg = config_from_dict({"data": {"mock": True}, **sections})
+    return cfg
+
+
+def test_yaml_then_command_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  d_model: 128\n  pattern: MEME\ntraining:\n  train_iters: 7\n")
+    cfg = build_config(str(path), ["--model.d_model=64", "--train-iters", "9", "--lr", "3e-4", "--bf16",
+                                   "--tensor-model-parallel-size", "2", "--data-path", "0.3", "a", "0.7", "b"])
+    assert cfg.model.d_model == 64 and cfg.model.pattern == "MEME"
+    assert cfg.training.train_iters == 9 and cfg.training.bf16 is True
+    assert cfg.optimizer.lr == 3e-4 and cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.data.data_path == ["0.3", "a", "0.7", "b"] and cfg.data.prefixes() == ["a", "b"]
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = build_config(None, ["--model.mamba_moe_projections", "conv", "gate", "--seq-length", "64"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert build_config(str(path)).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model.d_modle", "3"], "unknown config key '--model.d_modle'.*did you mean model.d_model"),
+    (["--tensor-model-paralel-size", "2"], "did you mean --tensor-model-parallel-size"),
+    (["--model.d_model", "big"], "model.d_model='big' is not a valid int"),
+    (["--lr"], "--lr takes one value"),
+    (["positional"], "unexpected argument 'positional'"),
+])
+def test_bad_command_line(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(None, argv)
+
+
+def test_unknown_yaml_section_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("modle:\n  d_model: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle' in .*bad.yaml.*did you mean model"):
+        build_config(str(path))
+    path.write_text("model:\n  experts: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'model.experts'"):
+        build_config(str(path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    ({"parallel": {"tensor_model_parallel_size": 3}}, 3, "does not divide the Mamba d_inner"),
+    ({"parallel": {"tensor_model_parallel_size": 2}}, 3, "world size 3 is not divisible by"),
+    ({"parallel": {"expert_model_parallel_size": 3}}, 3, r"num_experts=8 is not divisible by "
+                                                         r"--expert-model-parallel-size=3.*\[1, 2, 4, 8\]"),
+    ({"model": {"num_experts": 42}, "parallel": {"expert_model_parallel_size": 4}}, 4,
+     r"sizes that work: \[1, 2, 3, 6, 7, 14, 21, 42\]"),
+    ({"training": {"global_batch_size": 6, "micro_batch_size": 4}}, 1, "--global-batch-size=6 is not divisible"),
+    ({"training": {"global_batch_size": 8, "micro_batch_size": 4}}, 4, r"data-parallel size \(4\) = 16"),
+    ({"model": {"pattern": "MXE"}}, 1, r"unknown layer letters \['X'\]"),
+    ({"model": {"pattern": "AE", "num_heads": 3}}, 1, "not divisible by model.num_heads"),
+    ({"model": {"vocab_size": 1001}, "parallel": {"tensor_model_parallel_size": 2}}, 2,
+     "does not divide model.vocab_size=1001"),
+    ({"model": {"pattern": "ME"}, "parallel": {"pipeline_model_parallel_size": 4}}, 4, "fewer than the 4 pipeline"),
+    ({"optimizer": {"lr": 0}}, 1, "--lr=0.0 must be > 0"),
+])
+def test_validation_names_key_and_fix(overrides, world, message):
+    cfg = _valid(**overrides)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate(world_size=world)
+
+
+def test_good_layouts_pass():
+    _valid().validate(world_size=1)
+    _valid(parallel={"tensor_model_parallel_size": 2, "expert_model_parallel_size": 2},
+           training={"global_batch_size": 8, "micro_batch_size": 2}).validate(world_size=4)
+    _valid(model={"num_experts": 42}, parallel={"expert_model_parallel_size": 2}).validate(world_size=2)
+
+
+def test_missing_data_and_tokenizer(tmp_path):
+    cfg = build_config(None, ["--data-path", str(tmp_path / "corpus_text_document")])
+    with pytest.raises(ConfigError, match=r"corpus_text_document.bin does not exist"):
+        cfg.validate(world_size=1)
+    for ext in (".bin", ".idx"):
+        (tmp_path / f"corpus_text_document{ext}").write_bytes(b"")
+    with pytest.raises(ConfigError, match="--tokenizer-model is not set"):
+        cfg.validate(world_size=1)
+    cfg.data.tokenizer_model = str(tmp_path / "tok.model")
+    with pytest.raises(ConfigError, match="tok.model does not exist"):
+        cfg.validate(world_size=1)
+    cfg.data.mock = True
+    cfg.validate(world_size=1)
+    with pytest.raises(ConfigError, match="no training data"):
+        Config().validate(world_size=1)
