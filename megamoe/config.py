@@ -37,6 +37,7 @@ class ModelConfig:
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
+    mamba_d_inner: Optional[int] = None  # None: expand x d_model; set it for the paper's fractional expansions
     dt_rank: Optional[int] = None  # None: ceil(d_model / 16)
     dt_min: float = 0.001
     dt_max: float = 0.1
@@ -67,7 +68,7 @@ class ModelConfig:
 
     @property
     def d_inner(self) -> int:
-        return self.expand * self.d_model
+        return self.mamba_d_inner or self.expand * self.d_model
 
     @property
     def resolved_dt_rank(self) -> int:
@@ -82,7 +83,7 @@ class ModelConfig:
         return self.d_ffn or 4 * self.d_model
 
     def validate(self) -> None:
-        bad = sorted(set(self.pattern) - set(LAYER_KINDS))
+        bad = sorted(set(self.pattern) - set(LAYER_KINDS) - {"|"})
         if not self.pattern or bad:
             raise ConfigError(
                 f"model.pattern={self.pattern!r}: unknown layer letters {bad}; use only "
@@ -160,6 +161,12 @@ class ParallelConfig:
         if model.vocab_size is not None and model.vocab_size % tp:
             raise ConfigError(f"--tensor-model-parallel-size={tp} does not divide model.vocab_size="
                               f"{model.vocab_size}; leave vocab_size unset to pad it automatically")
+        if etp not in (tp,):
+            raise ConfigError(f"--expert-tensor-parallel-size={etp} differs from --tensor-model-parallel-size={tp}; "
+                              "megamoe splits experts over the same ranks as the dense layers: leave it unset")
+        if tp > 1 and model.mamba_moe_projections:
+            raise ConfigError("model.mamba_moe_projections (MoE inside the Mamba projections) needs "
+                              "--tensor-model-parallel-size 1; use --expert-model-parallel-size to spread experts")
         has_moe = "E" in model.pattern or model.mamba_moe_projections
         if has_moe and model.num_experts % ep:
             divisors = [d for d in range(1, model.num_experts + 1) if model.num_experts % d == 0]

@@ -32,16 +32,29 @@ def _buckets(tensors: list, bucket_bytes: int):
 
 
 def allreduce_gradients(params, topo, bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Average gradients over the data-parallel replicas of each parameter, in flat buckets."""
-    dense = [p.grad for p in params if p.grad is not None and not is_expert(p)]
-    expert = [p.grad for p in params if p.grad is not None and is_expert(p)]
+    """Average gradients over the data-parallel replicas of the loss, in flat buckets.
+
+    Each of the DP ranks computes the mean loss of its own micro-batches. A dense gradient is then the
+    average over the DP group. An expert's gradient already sums what every rank of its EP group sent it,
+    so it is summed over the expert-DP group (the other copies of that expert) and divided by the same DP
+    size (megatron-core scales expert gradients the same way).
+
+    A parameter that got no gradient on this rank (an expert no token reached) gets zeros, so every
+    replica reduces the same buckets."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    dense = [p.grad for p in params if not is_expert(p)]
+    expert = [p.grad for p in params if is_expert(p)]
     for grads, group, size in ((dense, topo.dp_group, topo.dp), (expert, topo.edp_group, topo.edp)):
-        if size == 1:
-            continue
+        if topo.dp == 1:
+            return
         for bucket in _buckets(grads, bucket_bytes):
             flat = _flatten_dense_tensors(bucket)
-            flat /= size
-            dist.all_reduce(flat, group=group)
+            flat /= topo.dp
+            if size > 1:
+                dist.all_reduce(flat, group=group)
             for g, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                 g.copy_(reduced)
 

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megamoe.parallel.sharding import ShardSpec, set_shard_spec, take_shard
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from megatron.core import ModelParallelConfig, tensor_parallel
@@ -30,99 +32,59 @@ def _mp_config(tp: int) -> ModelParallelConfig:
                                perform_initialization=False)
 
 
-def shard_index(size: int, rank: int, world: int, partitions: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Indices of the rows this rank owns along a dimension of `size`, made of `partitions` blocks."""
-    partitions = list(partitions or [size])
-    assert sum(partitions) == size, f"partitions {partitions} do not add up to {size}"
-    index, offset = [], 0
-    for block in partitions:
-        if block % world:
-            raise ValueError(f"a block of {block} rows does not split over {world} tensor-parallel ranks")
-        step = block // world
-        index.append(torch.arange(offset + rank * step, offset + (rank + 1) * step))
-        offset += block
-    return torch.cat(index)
-
-
 def _noop_init(_):
     return None
 
 
-class ColumnParallel(nn.Module):
+def _copy_shard(dst: torch.Tensor, full: torch.Tensor, spec: ShardSpec, topo) -> None:
+    with torch.no_grad():
+        dst.copy_(take_shard(full.detach(), spec, topo.tp_rank, topo.tp))
+    set_shard_spec(dst, spec)
+
+
+# The wrappers subclass megatron-core's layers (not wrap them), so parameter names stay those of the plain
+# model (`in_proj.weight`) in every layout, and checkpoints and tests can match them by name.
+class ColumnParallel(tensor_parallel.ColumnParallelLinear):
     """Output features sharded over TP; input replicated. Returns the local output shard."""
 
-    def __init__(self, linear: nn.Linear, topo, partitions: Optional[Sequence[int]] = None,
-                 gather_output: bool = False):
-        super().__init__()
+    def __init__(self, linear: nn.Linear, topo, partitions: Optional[Sequence[int]] = None):
         out_features, in_features = linear.weight.shape
-        self.inner = tensor_parallel.ColumnParallelLinear(
-            in_features, out_features, config=_mp_config(topo.tp), init_method=_noop_init,
-            bias=linear.bias is not None, gather_output=gather_output, tp_group=topo.tp_group)
-        rows = shard_index(out_features, topo.tp_rank, topo.tp, partitions)
-        with torch.no_grad():
-            self.inner.weight.copy_(linear.weight[rows])
-            if linear.bias is not None:
-                self.inner.bias.copy_(linear.bias[rows])
-        if partitions and len(partitions) > 1 and gather_output:
-            raise ValueError("gather_output with several partitions would interleave them; gather by hand")
-
-    @property
-    def weight(self):
-        return self.inner.weight
-
-    @property
-    def bias(self):
-        return self.inner.bias
+        super().__init__(in_features, out_features, config=_mp_config(topo.tp), init_method=_noop_init,
+                         bias=linear.bias is not None, gather_output=False, tp_group=topo.tp_group)
+        blocks = tuple(partitions or ())
+        _copy_shard(self.weight, linear.weight, ShardSpec(tuple(linear.weight.shape), 0, blocks), topo)
+        if linear.bias is not None:
+            _copy_shard(self.bias, linear.bias, ShardSpec(tuple(linear.bias.shape), 0, blocks), topo)
 
     def forward(self, x):
-        return self.inner(x)[0]
+        return super().forward(x)[0]
 
 
-class RowParallel(nn.Module):
+class RowParallel(tensor_parallel.RowParallelLinear):
     """Input features sharded over TP (the previous layer's local output); output all-reduced."""
 
     def __init__(self, linear: nn.Linear, topo, partitions: Optional[Sequence[int]] = None):
-        super().__init__()
         out_features, in_features = linear.weight.shape
-        self.inner = tensor_parallel.RowParallelLinear(
-            in_features, out_features, config=_mp_config(topo.tp), init_method=_noop_init,
-            bias=linear.bias is not None, input_is_parallel=True, skip_bias_add=False, tp_group=topo.tp_group)
-        cols = shard_index(in_features, topo.tp_rank, topo.tp, partitions)
-        with torch.no_grad():
-            self.inner.weight.copy_(linear.weight[:, cols])
-            if linear.bias is not None:
-                self.inner.bias.copy_(linear.bias)
-
-    @property
-    def weight(self):
-        return self.inner.weight
-
-    @property
-    def bias(self):
-        return self.inner.bias
+        super().__init__(in_features, out_features, config=_mp_config(topo.tp), init_method=_noop_init,
+                         bias=linear.bias is not None, input_is_parallel=True, skip_bias_add=False,
+                         tp_group=topo.tp_group)
+        _copy_shard(self.weight, linear.weight, ShardSpec(tuple(linear.weight.shape), 1, tuple(partitions or ())),
+                    topo)
+        if linear.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(linear.bias)
 
     def forward(self, x):
-        return self.inner(x)[0]
+        return super().forward(x)[0]
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
     """Vocabulary rows sharded over TP; lookups outside the shard give zeros, then an all-reduce."""
 
     def __init__(self, embedding: nn.Embedding, topo):
-        super().__init__()
         vocab, dim = embedding.weight.shape
-        self.inner = tensor_parallel.VocabParallelEmbedding(vocab, dim, init_method=_noop_init,
-                                                            config=_mp_config(topo.tp), tp_group=topo.tp_group)
-        rows = shard_index(vocab, topo.tp_rank, topo.tp)
-        with torch.no_grad():
-            self.inner.weight.copy_(embedding.weight[rows])
-
-    @property
-    def weight(self):
-        return self.inner.weight
-
-    def forward(self, ids):
-        return self.inner(ids)
+        super().__init__(vocab, dim, init_method=_noop_init, config=_mp_config(topo.tp), tp_group=topo.tp_group)
+        _copy_shard(self.weight, embedding.weight, ShardSpec(tuple(embedding.weight.shape), 0), topo)
 
 
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -130,14 +92,14 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tenso
     return tensor_parallel.vocab_parallel_cross_entropy(local_logits.float(), labels)
 
 
-def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
+def copy_to_tp(x: torch.Tensor, group=None) -> torch.Tensor:
     """Identity forward, all-reduce of the gradient backward: enter a TP region with replicated input."""
-    return tensor_parallel.copy_to_tensor_model_parallel_region(x)
+    return tensor_parallel.copy_to_tensor_model_parallel_region(x, group=group)
 
 
-def reduce_from_tp(x: torch.Tensor) -> torch.Tensor:
+def reduce_from_tp(x: torch.Tensor, group=None) -> torch.Tensor:
     """All-reduce forward, identity backward: leave a TP region whose ranks hold partial sums."""
-    return tensor_parallel.reduce_from_tensor_model_parallel_region(x)
+    return tensor_parallel.reduce_from_tensor_model_parallel_region(x, group=group)
 
 
 class _GatherLastDim(torch.autograd.Function):

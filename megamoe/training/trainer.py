@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from megamoe.config import Config, ConfigError
-from megamoe.logging import MetricsWriter, Progress, get_logger
+from megamoe.logging import Progress, get_logger
+from megamoe.model.moe import set_aux_loss_scale
 from megamoe.parallel import Topology, detect_launch_env, init_distributed, set_seed
 from megamoe.parallel.data_parallel import allreduce_gradients, clip_gradients
 from megamoe.training.optimizer import build_optimizer, optimizer_backend
@@ -82,32 +83,30 @@ def train_step(model, optimizer, batches, cfg: Config, topo: Topology, lr: float
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    sums = torch.zeros(4)  # loss, lm_loss, aux_loss, z_loss
-    dropped = 0.0
+    sums = torch.zeros(5)  # loss, lm_loss, aux_loss, z_loss, fraction of dropped assignments
     tokens_per_expert = None
+    set_aux_loss_scale(1.0 / len(batches))  # the MoE losses are scaled as the LM loss is
     for batch in batches:
         with _autocast(cfg, topo.device), _fp8_context(cfg):
             out = model(batch["tokens"].to(topo.device), labels=batch["labels"].to(topo.device),
                         loss_mask=batch["loss_mask"].to(topo.device))
-        (out.loss / len(batches)).backward()
-        sums += torch.stack([out.loss.detach().float().cpu(), out.lm_loss.detach().float().cpu(),
-                             torch.as_tensor(out.aux_loss).detach().float().cpu(),
-                             torch.as_tensor(out.z_loss).detach().float().cpu()])
+        (out.lm_loss / len(batches)).backward()
         stats = out.moe_stats or {}
+        sums += torch.tensor([out.loss.item(), out.lm_loss.item(), float(out.aux_loss), float(out.z_loss),
+                              stats.get("fraction_dropped", 0.0)])
         if "tokens_per_expert" in stats:
-            tpe = stats["tokens_per_expert"].detach().cpu()
+            tpe = stats["tokens_per_expert"].cpu()
             tokens_per_expert = tpe if tokens_per_expert is None else tokens_per_expert + tpe
-            dropped += float(stats["fraction_dropped"])
     params = [p for p in model.parameters() if p.requires_grad]
     allreduce_gradients(params, topo)
     grad_norm = clip_gradients(params, cfg.optimizer.clip_grad, topo)
     optimizer.step()
-    loss, lm, aux, z = _mean_over_dp(sums / len(batches), topo).tolist()
+    loss, lm, aux, z, dropped = _mean_over_dp(sums / len(batches), topo).tolist()
     record = dict(loss=loss, lm_loss=lm, aux_loss=aux, z_loss=z, lr=lr, grad_norm=grad_norm)
     if tokens_per_expert is not None:
-        load = tokens_per_expert.float().sum(0)
+        load = _mean_over_dp(tokens_per_expert.float().sum(0), topo)  # over MoE layers, then DP ranks
         record["expert_load_max_over_mean"] = float(load.max() / load.mean().clamp(min=1e-9))
-        record["fraction_dropped"] = dropped / len(batches)
+        record["fraction_dropped"] = dropped
     return record
 
 
@@ -141,7 +140,8 @@ def _log_dir(cfg: Config) -> str:
 def train(cfg: Config) -> dict:
     """Run a whole training job as configured; returns a summary dict."""
     from megamoe.data import build_data_iterators, load_tokenizer
-    from megamoe.model import build_model, count_parameters
+    from megamoe.model import count_parameters
+    from megamoe.parallel.parallelize import build_parallel_model
     from megamoe import checkpoint
     from megamoe.training.metrics import RunLogger
 
@@ -153,7 +153,7 @@ def train(cfg: Config) -> dict:
 
     tokenizer = None if cfg.data.mock and not cfg.data.tokenizer_model else load_tokenizer(cfg.data.tokenizer_model)
     cfg.model.vocab_size = resolve_vocab_size(cfg, tokenizer.vocab_size if tokenizer else None, topo.tp)
-    model = build_model(cfg.model).to(topo.device)
+    model = build_parallel_model(cfg, topo)
     optimizer = build_optimizer(model, cfg.optimizer, topo.device)
     state = TrainState()
     if cfg.checkpoint.load:

@@ -3,14 +3,21 @@ import torch
 
 from megamoe.config import ParallelConfig
 from megamoe.parallel import init_distributed
+from megamoe.parallel.sharding import ShardSpec, take_shard
 from megamoe.parallel.tensor_parallel import (ColumnParallel, RowParallel, VocabParallelEmbedding, gather_from_tp,
-                                              shard_index, vocab_parallel_cross_entropy)
+                                              vocab_parallel_cross_entropy)
 from megamoe.testing import run_on_ranks
 
 
-def test_shard_index_blocks():
-    assert shard_index(8, 1, 2).tolist() == [4, 5, 6, 7]
-    assert shard_index(8, 1, 2, partitions=[4, 4]).tolist() == [2, 3, 6, 7]
+def test_shard_regions_split_each_partition_block():
+    full = torch.arange(8)
+    assert take_shard(full, ShardSpec((8,), 0), 1, 2).tolist() == [4, 5, 6, 7]
+    assert take_shard(full, ShardSpec((8,), 0, (4, 4)), 1, 2).tolist() == [2, 3, 6, 7]
+    experts = torch.arange(4 * 6).reshape(4, 1, 6)  # 4 experts, width 6 = [gate 3 | up 3]
+    spec = ShardSpec((4, 1, 6), 2, (3, 3), expert_dim=0)
+    assert spec.regions(1, 1, 1, 2) == [((0, 0, 0), (2, 0, 0), (2, 1, 6))]
+    assert take_shard(experts, ShardSpec((4, 1, 6), 2, expert_dim=0), 0, 2, 1, 2)[:, 0].tolist() == [[12, 13, 14],
+                                                                                                       [18, 19, 20]]
 
 
 def _mlp_and_vocab():
@@ -34,12 +41,12 @@ def _mlp_and_vocab():
     h = h + pfc2(torch.relu(pfc1(h)))
     loss = vocab_parallel_cross_entropy(phead(h), labels).mean()
     loss.backward()
-    rows = shard_index(8, topo.tp_rank, 2, [4, 4])
+    rows = take_shard(torch.arange(8), ShardSpec((8,), 0, (4, 4)), topo.tp_rank, 2)
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(pfc1.weight.grad, fc1.weight.grad[rows])
     torch.testing.assert_close(pfc2.weight.grad, fc2.weight.grad[:, rows])
     torch.testing.assert_close(pfc2.bias.grad, fc2.bias.grad)
-    torch.testing.assert_close(pemb.weight.grad, emb.weight.grad[shard_index(10, topo.tp_rank, 2)])
+    torch.testing.assert_close(pemb.weight.grad, take_shard(emb.weight.grad, ShardSpec((10, 6), 0), topo.tp_rank, 2))
     full_logits = gather_from_tp(phead(h), topo.tp_group)
     torch.testing.assert_close(full_logits, head(emb(ids) + fc2(torch.relu(fc1(emb(ids))))))
     return loss.item()

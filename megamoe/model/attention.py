@@ -1,0 +1,57 @@
+"""The Transformer baselines' layers: causal self-attention with RoPE, and a dense feed-forward block."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rope_tables(length: int, head_dim: int, base: float, device=None) -> tuple:
+    """cos, sin of shape (L, head_dim / 2) for rotary position embeddings."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (batch, heads, L, head_dim): rotate channel pairs (i, i + head_dim/2) by the position's angle."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with RoPE; `qkv` produces [q | k | v], each num_heads x head_dim."""
+
+    def __init__(self, d_model: int, num_heads: int, rope_base: float = 10000.0):
+        super().__init__()
+        self.num_heads, self.head_dim, self.rope_base = num_heads, d_model // num_heads, rope_base
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = h.shape
+        q, k, v = self.qkv(h).chunk(3, dim=-1)  # under TP each holds this rank's heads
+        q, k, v = (t.reshape(batch, length, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        cos, sin = rope_tables(length, self.head_dim, self.rope_base, h.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(y.transpose(1, 2).reshape(batch, length, -1))
+
+
+class FeedForward(nn.Module):
+    """Dense FFN: fc2(act(fc1 x)); "swiglu" makes fc1 produce [gate | up]."""
+
+    def __init__(self, d_model: int, d_ffn: int, activation: str = "gelu"):
+        super().__init__()
+        self.activation = activation
+        self.fc1 = nn.Linear(d_model, 2 * d_ffn if activation == "swiglu" else d_ffn, bias=False)
+        self.fc2 = nn.Linear(d_ffn, d_model, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(h)
+        if self.activation == "swiglu":
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        else:
+            x = F.gelu(x) if self.activation == "gelu" else F.relu(x)
+        return self.fc2(x)

@@ -1,0 +1,232 @@
+"""The language model: embedding -> pre-norm residual blocks by pattern -> final norm -> LM head.
+
+Pattern letters (megatron-core's hybrid convention): M Mamba, E Switch MoE, A attention, F dense FFN; `|` marks
+an explicit pipeline-stage boundary. MoE-Mamba is "ME" x N. With `parallel_moe`, each "ME" pair becomes one
+Parallel MoE-Mamba block whose Mamba and MoE read the same normed input.
+
+Plain PyTorch, no ranks: megamoe.parallel shards a built model from outside. Every block is initialised from its
+own random stream (seed, global block index), so a pipeline stage that builds only its blocks gets exactly the
+weights the whole model would have.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamoe.config import ModelConfig
+from megamoe.model.attention import Attention, FeedForward
+from megamoe.model.mamba import MambaMixer
+from megamoe.model.moe import SwitchMoE
+from megamoe.parallel.random import stream_seed
+
+
+def block_kinds(cfg: ModelConfig) -> list:
+    """The blocks of the pattern, in order: "M", "E", "A", "F", or "ME" (a Parallel MoE-Mamba block)."""
+    letters = cfg.pattern.replace("|", "")
+    kinds, i = [], 0
+    while i < len(letters):
+        if cfg.parallel_moe and letters[i:i + 2] == "ME":
+            kinds.append("ME")
+            i += 2
+        else:
+            kinds.append(letters[i])
+            i += 1
+    return kinds
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back to the input dtype (as Mamba's reference and HF do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.d_model, cfg.norm_eps)
+
+
+def make_moe(cfg: ModelConfig, d_in: Optional[int] = None, d_out: Optional[int] = None) -> SwitchMoE:
+    """The Switch MoE of an E block, or (with d_in/d_out) one of linear experts replacing a Mamba projection."""
+    linear = d_in is not None
+    return SwitchMoE(d_in or cfg.d_model, cfg.num_experts, cfg.resolved_d_expert, top_k=cfg.top_k,
+                     capacity_factor=cfg.capacity_factor, load_balancing_weight=cfg.load_balancing_weight,
+                     z_loss_weight=cfg.z_loss_weight, activation="linear" if linear else cfg.expert_activation,
+                     d_out=d_out)
+
+
+def make_mamba(cfg: ModelConfig, mamba_index: int) -> MambaMixer:
+    """The `mamba_index`-th Mamba mixer; MoE projections go to every layer or every other one (odd indices)."""
+    every = cfg.mamba_moe_every
+    projections = cfg.mamba_moe_projections if mamba_index % every == every - 1 else ()
+    return MambaMixer(cfg.d_model, cfg.d_state, cfg.d_conv, cfg.expand, cfg.resolved_dt_rank, cfg.dt_min,
+                      cfg.dt_max, cfg.dt_init_floor, cfg.conv_bias, cfg.proj_bias, d_inner=cfg.d_inner,
+                      moe_factory=lambda d_in, d_out: make_moe(cfg, d_in, d_out), moe_projections=projections)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: h + sublayers(norm(h)); several sublayers (Parallel MoE-Mamba) are summed."""
+
+    def __init__(self, kind: str, cfg: ModelConfig, mamba_index: int = 0):
+        super().__init__()
+        self.kind = kind
+        self.norm = make_norm(cfg)
+        if "M" in kind:
+            self.mixer = make_mamba(cfg, mamba_index)
+        if "E" in kind:
+            self.moe = make_moe(cfg)
+        if kind == "A":
+            self.attention = Attention(cfg.d_model, cfg.num_heads, cfg.rope_base)
+        if kind == "F":
+            self.ffn = FeedForward(cfg.d_model, cfg.resolved_d_ffn, cfg.expert_activation)
+
+    def sublayers(self) -> list:
+        return [getattr(self, name) for name in ("mixer", "moe", "attention", "ffn") if hasattr(self, name)]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.norm(h)
+        out = h
+        for sublayer in self.sublayers():
+            out = out + sublayer(x)
+        return out
+
+
+@contextlib.contextmanager
+def seeded(seed: int, name: str):
+    """Initialise what is built inside from the stream (seed, name), leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(stream_seed(seed, name))
+        yield
+
+
+@dataclass
+class LMOutput:
+    loss: Optional[torch.Tensor]  # lm_loss + aux_loss + z_loss (the aux terms detached: see moe.attach_aux_loss)
+    lm_loss: Optional[torch.Tensor]
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    logits: torch.Tensor  # (batch, L, vocab), or this rank's vocab shard under tensor parallelism
+    moe_stats: Optional[dict]
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy (batch, L), in float32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+
+
+def masked_mean(per_token: torch.Tensor, loss_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if loss_mask is None:
+        return per_token.mean()
+    mask = loss_mask.float()
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class MambaLM(nn.Module):
+    """The whole model, or one pipeline stage of it (`blocks`: the global block indices it holds).
+
+    `block_hook(block)` is applied to each block as soon as it is built (parallelism shards it there, so the
+    whole unsharded model never sits in memory). `cross_entropy` is what tensor parallelism swaps."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0, blocks: Optional[Sequence[int]] = None,
+                 pre_process: bool = True, post_process: bool = True, block_hook=None):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size must be resolved (from the tokenizer) before building the model")
+        self.cfg = cfg
+        kinds = block_kinds(cfg)
+        blocks = list(range(len(kinds))) if blocks is None else list(blocks)
+        self.pre_process, self.post_process = pre_process, post_process
+        if pre_process:
+            with seeded(seed, "embedding"):
+                self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+                nn.init.normal_(self.embedding.weight, std=cfg.init_std)
+        self.layers = nn.ModuleDict()
+        mamba_index = [sum("M" in k for k in kinds[:i]) for i in range(len(kinds))]
+        for i in blocks:
+            with seeded(seed, f"layers.{i}"):
+                block = Block(kinds[i], cfg, mamba_index[i])
+            self.layers[str(i)] = block_hook(block) if block_hook else block
+        if post_process:
+            self.norm_f = make_norm(cfg)
+            # Untied, or tied across pipeline stages: the last stage's copy starts from the embedding's stream.
+            with seeded(seed, "embedding" if cfg.tie_embeddings else "lm_head"):
+                self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+                nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+            if cfg.tie_embeddings and pre_process:
+                self.lm_head.weight = self.embedding.weight
+        self.cross_entropy = cross_entropy
+
+    def moe_layers(self) -> list:
+        return [m for m in self.modules() if isinstance(m, SwitchMoE)]
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
+
+    def run_layers(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.layers.values():
+            h = block(h)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm_f(h))
+
+    def stage_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """tokens or hidden states in; hidden states or logits out (what a pipeline stage computes)."""
+        h = self.embed(x) if self.pre_process else x
+        h = self.run_layers(h)
+        return self.head(h) if self.post_process else h
+
+    def moe_summary(self) -> tuple:
+        """(aux loss, z loss, stats) of the MoE layers' last forward, detached; zeros without MoE layers."""
+        moes = self.moe_layers()
+        zero = torch.zeros(())
+        aux = sum((m.last_aux_loss.float().cpu() for m in moes if m.last_aux_loss is not None), zero)
+        z = sum((m.last_z_loss.float().cpu() for m in moes if m.last_z_loss is not None), zero)
+        stats = None
+        if moes and all(m.last_stats is not None for m in moes):
+            tpe = torch.stack([m.last_stats.tokens_per_expert.cpu() for m in moes])
+            dropped = sum(m.last_stats.dropped for m in moes) / max(1, sum(m.last_stats.assignments for m in moes))
+            stats = dict(tokens_per_expert=tpe, fraction_dropped=dropped)
+        return aux, z, stats
+
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                loss_mask: Optional[torch.Tensor] = None) -> LMOutput:
+        logits = self.stage_forward(tokens)
+        aux, z, stats = self.moe_summary()
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = masked_mean(self.cross_entropy(logits, labels), loss_mask)
+            loss = lm_loss + (aux + z).to(lm_loss.device)
+        return LMOutput(loss, lm_loss, aux, z, logits, stats)
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, **stage) -> MambaLM:
+    """The model (or a pipeline stage of it: blocks=..., pre_process=..., post_process=...), built on CPU."""
+    return MambaLM(cfg, seed=seed, **stage)
+
+
+def count_parameters(cfg: ModelConfig) -> dict:
+    """Total and active (per token) parameters, with and without embeddings, counted on a meta-device model.
+
+    Active counts each MoE layer's experts at top_k / num_experts. The embedding counts once when tied."""
+    import dataclasses
+    meta_cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or 1)
+    with torch.device("meta"):
+        model = MambaLM(meta_cfg)
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for m in model.moe_layers() for p in m.experts.parameters())
+    active_expert = sum(p.numel() * m.top_k / m.num_experts for m in model.moe_layers() for p in m.experts.parameters())
+    embedding = model.embedding.weight.numel() + (0 if cfg.tie_embeddings else model.lm_head.weight.numel())
+    active = total - expert + active_expert
+    return dict(total=total, active=int(active), embedding=embedding, total_non_embedding=total - embedding,
+                active_non_embedding=int(active - embedding), experts=expert)

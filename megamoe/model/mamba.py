@@ -1,0 +1,129 @@
+"""The Mamba-1 mixer (Gu & Dao, 2023), with mamba_ssm's and HF transformers' parameter names.
+
+    x, z   = in_proj(h)                      (d_model -> 2 d_inner; x feeds the conv, z is the gate)
+    x      = silu(causal depthwise conv1d(x))
+    dt,B,C = x_proj(x)                       (d_inner -> dt_rank + 2 d_state)
+    dt     = dt_proj(dt)                     (dt_rank -> d_inner; its bias is the dt bias, softplus in the scan)
+    y      = selective_scan(x, dt, -exp(A_log), B, C, D, z)
+    out    = out_proj(y)                     (d_inner -> d_model)
+
+The MoE-inside-Mamba variants of the paper replace the conv projection (the x half of in_proj), the gate
+projection (the z half) and/or out_proj with a Switch MoE of linear experts of the same shape; the mixer then
+holds `conv_proj` and `gate_proj` instead of the fused `in_proj`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamoe.ops import selective_scan, selective_state_update
+
+
+def init_dt_bias(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
+    """dt log-uniform in [dt_min, dt_max], stored through the inverse of softplus (the reference init)."""
+    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class MambaMixer(nn.Module):
+    """Mamba-1 selective state-space mixer; (batch, L, d_model) -> (batch, L, d_model)."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: Optional[int] = None, dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, conv_bias: bool = True, proj_bias: bool = False,
+                 d_inner: Optional[int] = None, moe_factory=None, moe_projections: tuple = ()):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = d_inner or expand * d_model
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        d_inner = self.d_inner
+        self.moe_projections = tuple(moe_projections)
+
+        def projection(kind: str, d_in: int, d_out: int, bias: bool):
+            return moe_factory(d_in, d_out) if kind in self.moe_projections else nn.Linear(d_in, d_out, bias=bias)
+
+        if "conv" in self.moe_projections or "gate" in self.moe_projections:
+            self.conv_proj = projection("conv", d_model, d_inner, proj_bias)
+            self.gate_proj = projection("gate", d_model, d_inner, proj_bias)
+        else:
+            self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=proj_bias)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
+        dt_init_std = self.dt_rank ** -0.5
+        with torch.no_grad():
+            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+            self.dt_proj.bias.copy_(init_dt_bias(d_inner, dt_min, dt_max, dt_init_floor))
+        # S4D-real initialisation: A = -(1, 2, ..., d_state) for every channel.
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = projection("output", d_inner, d_model, proj_bias)
+
+    def _in_projections(self, h: torch.Tensor):
+        """(batch, L, d_model) -> x, z each (batch, L, d_inner_local)."""
+        if hasattr(self, "in_proj"):
+            return self.in_proj(h).chunk(2, dim=-1)
+        return self.conv_proj(h), self.gate_proj(h)
+
+    def _ssm_inputs(self, x: torch.Tensor):
+        """x (batch, L, d_inner) after conv -> dt (batch, d_inner, L) before bias, B, C (batch, d_state, L)."""
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # the bias is added inside the scan, in fp32
+        return dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        length = h.shape[1]
+        x, z = self._in_projections(h)
+        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :length])  # (batch, d_inner, L)
+        dt, B, C = self._ssm_inputs(x.transpose(1, 2))
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan(x, dt, A, B, C, self.D.float(), z=z.transpose(1, 2),
+                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        return self.out_proj(y.transpose(1, 2))
+
+    # Recurrent inference: constant memory per sequence.
+    def allocate_inference_cache(self, batch: int, dtype=None, device=None) -> tuple:
+        """(conv_state (batch, d_inner, d_conv), ssm_state (batch, d_inner, d_state) fp32), zeros."""
+        d_inner = self.conv1d.weight.shape[0]
+        device = device or self.A_log.device
+        conv_state = torch.zeros(batch, d_inner, self.d_conv, dtype=dtype or self.conv1d.weight.dtype, device=device)
+        ssm_state = torch.zeros(batch, d_inner, self.d_state, dtype=torch.float32, device=device)
+        return conv_state, ssm_state
+
+    def prefill(self, h: torch.Tensor, cache: tuple) -> torch.Tensor:
+        """Full-sequence forward that also leaves the states of its last token in `cache`."""
+        conv_state, ssm_state = cache
+        length = h.shape[1]
+        x, z = self._in_projections(h)
+        x = x.transpose(1, 2)
+        keep = min(self.d_conv, length)
+        conv_state.zero_()
+        conv_state[..., -keep:] = x[..., -keep:]
+        x = F.silu(self.conv1d(x)[..., :length])
+        dt, B, C = self._ssm_inputs(x.transpose(1, 2))
+        y, last = selective_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z.transpose(1, 2),
+                                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=True)
+        ssm_state.copy_(last)
+        return self.out_proj(y.transpose(1, 2))
+
+    def step(self, h: torch.Tensor, cache: tuple) -> torch.Tensor:
+        """One token: h (batch, 1, d_model) -> (batch, 1, d_model), updating `cache` in place."""
+        conv_state, ssm_state = cache
+        x, z = self._in_projections(h)
+        x, z = x[:, 0], z[:, 0]
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[..., -1] = x
+        x = (conv_state * self.conv1d.weight[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x)
+        dt, B, C = self._ssm_inputs(x[:, None])
+        y = selective_state_update(ssm_state, x, dt[..., 0], -torch.exp(self.A_log.float()), B[..., 0], C[..., 0],
+                                   self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        return self.out_proj(y[:, None])

@@ -1,0 +1,207 @@
+"""Switch Mixture-of-Experts (Fedus et al., 2021): fp32 router, top-1 (top-k option), capacity, dropping.
+
+    probs = softmax(router(x))  (float32)        expert_i = top-k of probs
+    out   = sum_k probs[expert_k] * E_{expert_k}(x)  for the tokens within their expert's capacity; 0 otherwise
+            (a dropped token keeps only its residual)
+    load-balancing loss = weight * N_experts * sum_i f_i * P_i   (f_i: fraction of assignments to i, P_i: mean prob)
+    router z-loss       = weight * mean(logsumexp(logits)^2)
+
+Capacity is counted over the tokens this module sees in one call (one micro-batch of one data-parallel rank,
+as Switch counts per device), in token order: the first `capacity` tokens routed to an expert are kept.
+
+The flow is megatron-core's: route -> permute (sort by expert) -> dispatcher.exchange -> experts ->
+dispatcher.exchange back -> unpermute and weight. `LocalDispatcher` keeps every expert here; expert
+parallelism swaps in an all-to-all dispatcher from megamoe.parallel, the model code stays the same.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _AuxLossInjector(torch.autograd.Function):
+    """Identity on the activations; in backward hands the auxiliary loss the gradient `scale`.
+
+    The aux loss then trains the router through the activations it was computed beside, so it never has to
+    be added to the LM loss, or sent between pipeline stages (megatron-core's MoEAuxLossAutoScaler).
+    """
+
+    scale = 1.0
+
+    @staticmethod
+    def forward(ctx, hidden, aux):
+        ctx.save_for_backward(aux)
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.full_like(aux, _AuxLossInjector.scale)
+
+
+def attach_aux_loss(hidden: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    """`hidden`, carrying `aux` into the backward with gradient `aux_loss_scale()`."""
+    if not (torch.is_grad_enabled() and aux.requires_grad):
+        return hidden
+    return _AuxLossInjector.apply(hidden, aux)
+
+
+def set_aux_loss_scale(scale: float) -> None:
+    """The gradient each attached aux loss receives; set it to what the LM loss is scaled by (1 / micro-batches)."""
+    _AuxLossInjector.scale = float(scale)
+
+
+def aux_loss_scale() -> float:
+    return _AuxLossInjector.scale
+
+
+def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch's N * sum_i f_i * P_i (unweighted). probs (tokens, E) fp32; expert_index (tokens, k)."""
+    counts = torch.bincount(expert_index.flatten(), minlength=num_experts).to(probs.dtype)
+    f = counts / expert_index.numel()
+    return num_experts * torch.sum(f * probs.mean(0))
+
+
+def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Tokens each expert may take; capacity_factor <= 0 means no limit."""
+    if capacity_factor <= 0:
+        return num_tokens * top_k
+    return max(1, math.ceil(num_tokens * top_k / num_experts * capacity_factor))
+
+
+class SwitchRouter(nn.Module):
+    """Linear router computed in float32 (Switch's selective precision)."""
+
+    def __init__(self, d_model: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
+
+
+class Experts(nn.Module):
+    """`num_experts` feed-forward experts stored as batched weights (experts, in, out), no biases.
+
+    activation "gelu"/"relu": w2(act(w1 x)); "swiglu": w2(silu(w1_gate x) * w1_up x) with w1 = [gate | up];
+    "linear": w1 x alone (the experts that replace a Mamba projection).
+    """
+
+    def __init__(self, num_experts: int, d_in: int, d_hidden: int, d_out: int, activation: str = "gelu"):
+        super().__init__()
+        self.activation = activation
+        self.num_experts = num_experts
+        if activation == "linear":
+            self.w1 = nn.Parameter(torch.empty(num_experts, d_in, d_out))
+        else:
+            width = 2 * d_hidden if activation == "swiglu" else d_hidden
+            self.w1 = nn.Parameter(torch.empty(num_experts, d_in, width))
+            self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_out))
+        # nn.Linear's default init, per expert: uniform(+-1/sqrt(fan_in)).
+        for w in self.parameters():
+            nn.init.uniform_(w, -w.shape[1] ** -0.5, w.shape[1] ** -0.5)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.w1[e]
+        if self.activation == "linear":
+            return h
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
+        return h @ self.w2[e]
+
+    def forward(self, x: torch.Tensor, counts: list) -> torch.Tensor:
+        """x: tokens sorted by local expert, `counts[e]` of them for expert e."""
+        outs = [self.expert(e, chunk) for e, chunk in enumerate(x.split(counts)) if chunk.shape[0]]
+        if outs:
+            return torch.cat(outs)
+        # No token reached these experts. The empty output stays connected to x, so that under expert
+        # parallelism the backward still runs this rank's side of the all-to-all the other ranks wait on.
+        return x.new_zeros(0, self.output_size) + 0 * x.sum()
+
+    @property
+    def output_size(self) -> int:
+        return (self.w1 if self.activation == "linear" else self.w2).shape[-1]
+
+
+class LocalDispatcher:
+    """All experts live here: nothing to exchange."""
+
+    def dispatch(self, x: torch.Tensor, counts: torch.Tensor):
+        """x sorted by global expert, counts (E,) -> (tokens for local experts, their per-expert counts, ctx)."""
+        return x, counts.tolist(), None
+
+    def combine(self, y: torch.Tensor, ctx) -> torch.Tensor:
+        return y
+
+
+@dataclass
+class RoutingStats:
+    tokens_per_expert: torch.Tensor  # (E,) assignments before dropping
+    dropped: int
+    assignments: int
+
+
+class SwitchMoE(nn.Module):
+    """Switch MoE layer; (batch, L, d_in) -> (batch, L, d_out). Sets `last_aux_loss`, `last_z_loss`, `last_stats`."""
+
+    def __init__(self, d_model: int, num_experts: int, d_expert: int, top_k: int = 1,
+                 capacity_factor: float = 1.0, load_balancing_weight: float = 0.01, z_loss_weight: float = 0.0,
+                 activation: str = "gelu", d_out: Optional[int] = None):
+        super().__init__()
+        self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
+        self.load_balancing_weight, self.z_loss_weight = load_balancing_weight, z_loss_weight
+        self.router = SwitchRouter(d_model, num_experts)
+        self.experts = Experts(num_experts, d_model, d_expert, d_out or d_model, activation)
+        self.dispatcher = LocalDispatcher()
+        self.last_aux_loss = self.last_z_loss = None
+        self.last_stats: Optional[RoutingStats] = None
+
+    def route(self, x: torch.Tensor):
+        """x (tokens, d) -> probs (tokens, E) fp32, expert_index (tokens, k), aux loss, z loss."""
+        logits = self.router(x)
+        probs = torch.softmax(logits, dim=-1)
+        expert_index = probs.topk(self.top_k, dim=-1).indices
+        aux = self.load_balancing_weight * load_balancing_loss(probs, expert_index, self.num_experts)
+        z = self.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).mean() if self.z_loss_weight else None
+        return probs, expert_index, aux, z
+
+    def keep_mask(self, expert_index: torch.Tensor) -> torch.Tensor:
+        """(tokens, k) bool: within capacity, counting first choices of all tokens, then second choices..."""
+        tokens = expert_index.shape[0]
+        cap = capacity(tokens, self.num_experts, self.top_k, self.capacity_factor)
+        flat = expert_index.t().reshape(-1)  # choice-major order
+        one_hot = F.one_hot(flat, self.num_experts)
+        position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # position of each assignment in its expert's queue
+        return (position < cap).reshape(self.top_k, tokens).t()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        shape = h.shape
+        x = h.reshape(-1, shape[-1])
+        probs, expert_index, aux, z = self.route(x)
+        keep = self.keep_mask(expert_index)
+        token_of = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(expert_index)[keep]
+        expert_of = expert_index[keep]
+        weight_of = probs.gather(1, expert_index)[keep]
+
+        order = torch.argsort(expert_of, stable=True)  # permute: group assignments by expert
+        counts = torch.bincount(expert_of, minlength=self.num_experts)
+        local_x, local_counts, ctx = self.dispatcher.dispatch(x[token_of[order]], counts)
+        y = self.dispatcher.combine(self.experts(local_x, local_counts), ctx)
+        y = y * weight_of[order, None].to(y.dtype)
+        out = y.new_zeros(x.shape[0], y.shape[-1]).index_add(0, token_of[order], y)  # unpermute and sum top-k
+
+        self.last_aux_loss, self.last_z_loss = aux.detach(), (z.detach() if z is not None else None)
+        self.last_stats = RoutingStats(torch.bincount(expert_index.flatten(), minlength=self.num_experts).detach(),
+                                       int(keep.numel() - keep.sum()), keep.numel())
+        out = attach_aux_loss(out, aux if z is None else aux + z)
+        return out.reshape(*shape[:-1], out.shape[-1])

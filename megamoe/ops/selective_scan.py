@@ -1,0 +1,23 @@
+"""`selective_scan`: one entry point, mamba_ssm's signature, the fastest path for the tensors' device.
+
+- CUDA tensors: the Triton kernels of `megamoe.kernels.selective_scan` (states kept on chip, chunked).
+- CPU tensors: the chunked PyTorch scan of `megamoe.ops.scan_cpu` (custom backward, no per-step graph).
+`selective_scan_ref` is the plain sequential recurrence both are tested against.
+"""
+from typing import Optional
+
+import torch
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+                   delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                   return_last_state: bool = False):
+    """u, delta, z: (batch, d_inner, L); A: (d_inner, d_state); B, C: (batch, d_state, L);
+    D, delta_bias: (d_inner,). Returns y (batch, d_inner, L) in u's dtype [and the last state
+    (batch, d_inner, d_state) in float32]. Differentiable in every tensor input."""
+    if u.is_cuda:
+        from megamoe.kernels.selective_scan import selective_scan_triton as impl
+    else:
+        from megamoe.ops.scan_cpu import selective_scan_cpu as impl
+    return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -1,0 +1,132 @@
+"""Switch MoE on hand-checked cases: routing, capacity and dropping, load-balancing and z losses, top-k."""
+import math
+
+import pytest
+import torch
+
+from megamoe.model.moe import SwitchMoE, capacity, load_balancing_loss, set_aux_loss_scale
+
+# 8 tokens that are one-hot in 4 dims; the router is 10 x identity, so token t goes to expert ROUTE[t].
+ROUTE = [0, 0, 0, 1, 1, 2, 3, 3]
+
+
+def _moe(capacity_factor=1.0, top_k=1, lb=0.01, z=0.0, activation="relu"):
+    torch.manual_seed(0)
+    moe = SwitchMoE(4, num_experts=4, d_expert=6, top_k=top_k, capacity_factor=capacity_factor,
+                    load_balancing_weight=lb, z_loss_weight=z, activation=activation)
+    with torch.no_grad():
+        moe.router.weight.copy_(10 * torch.eye(4))
+    x = torch.eye(4)[ROUTE].reshape(2, 4, 4)  # (batch 2, L 4, d 4)
+    return moe, x
+
+
+def _expected(moe, x, kept):
+    probs = torch.softmax(moe.router(x.reshape(8, 4)), -1)
+    rows = []
+    for t, e in enumerate(ROUTE):
+        xt = x.reshape(8, 4)[t]
+        rows.append(probs[t, e] * moe.experts.expert(e, xt[None])[0] if t in kept else torch.zeros(4))
+    return torch.stack(rows).reshape(2, 4, 4), probs
+
+
+def test_capacity_formula():
+    assert capacity(8, 4, 1, 1.0) == 2
+    assert capacity(10, 4, 1, 1.0) == 3  # ceil(2.5)
+    assert capacity(8, 4, 2, 1.25) == 5
+    assert capacity(8, 4, 1, 0) == 8  # no limit
+
+
+def test_tokens_over_capacity_are_dropped_in_token_order():
+    moe, x = _moe(capacity_factor=1.0)  # capacity 2: expert 0 gets tokens 0, 1, 2 and drops token 2
+    out = moe(x)
+    expected, probs = _expected(moe, x, kept={0, 1, 3, 4, 5, 6, 7})
+    torch.testing.assert_close(out, expected)
+    assert torch.all(out.reshape(8, 4)[2] == 0)
+    assert moe.last_stats.tokens_per_expert.tolist() == [3, 2, 1, 2]
+    assert (moe.last_stats.dropped, moe.last_stats.assignments) == (1, 8)
+    f = torch.tensor([3, 2, 1, 2]) / 8
+    torch.testing.assert_close(moe.last_aux_loss, 0.01 * 4 * (f * probs.mean(0)).sum())
+
+
+def test_no_capacity_limit_keeps_every_token():
+    moe, x = _moe(capacity_factor=0)
+    expected, _ = _expected(moe, x, kept=set(range(8)))
+    torch.testing.assert_close(moe(x), expected)
+    assert moe.last_stats.dropped == 0
+
+
+def test_load_balancing_loss_is_one_when_uniform():
+    probs = torch.full((8, 4), 0.25)
+    index = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])[:, None]
+    assert load_balancing_loss(probs, index, 4).item() == pytest.approx(1.0)
+    skewed = torch.zeros(8, dtype=torch.long)[:, None]
+    assert load_balancing_loss(torch.eye(4)[[0] * 8], skewed, 4).item() == pytest.approx(4.0)
+
+
+def test_aux_and_z_loss_gradients_reach_the_router():
+    moe, x = _moe(capacity_factor=0, lb=0.5, z=0.1)
+    set_aux_loss_scale(1.0)
+    moe(x).sum().backward()
+    with_aux = moe.router.weight.grad.clone()
+
+    moe.router.weight.grad = None
+    moe.load_balancing_weight, moe.z_loss_weight = 0.0, 0.0
+    moe(x).sum().backward()
+    without = moe.router.weight.grad.clone()
+
+    moe.router.weight.grad = None
+    logits = moe.router(x.reshape(8, 4))
+    probs = torch.softmax(logits, -1)
+    aux = 0.5 * load_balancing_loss(probs, probs.argmax(-1, keepdim=True), 4)
+    zl = 0.1 * torch.logsumexp(logits, -1).pow(2).mean()
+    (aux + zl).backward()
+    torch.testing.assert_close(with_aux, without + moe.router.weight.grad)
+    assert moe.last_z_loss is None  # z weight is 0 in the last call
+
+
+def test_aux_loss_scale_follows_micro_batches():
+    moe, x = _moe(capacity_factor=0, lb=1.0)
+    set_aux_loss_scale(1.0)
+    moe(x).sum().backward()
+    g1 = moe.router.weight.grad.clone()
+    moe.router.weight.grad = None
+    moe.load_balancing_weight = 0.0
+    moe(x).sum().backward()
+    g0 = moe.router.weight.grad.clone()
+    moe.router.weight.grad = None
+    moe.load_balancing_weight = 1.0
+    set_aux_loss_scale(0.25)
+    try:
+        moe(x).sum().backward()
+    finally:
+        set_aux_loss_scale(1.0)
+    torch.testing.assert_close(moe.router.weight.grad, g0 + 0.25 * (g1 - g0))
+
+
+def test_top2_combines_two_experts_and_counts_capacity_over_choices():
+    moe, x = _moe(capacity_factor=0, top_k=2)
+    out = moe(x).reshape(8, 4)
+    xf = x.reshape(8, 4)
+    probs = torch.softmax(moe.router(xf), -1)
+    top = probs.topk(2, -1)
+    for t in range(8):
+        want = sum(top.values[t, k] * moe.experts.expert(int(top.indices[t, k]), xf[t][None])[0] for k in range(2))
+        torch.testing.assert_close(out[t], want)
+    assert moe.last_stats.assignments == 16
+
+
+def test_swiglu_and_linear_experts():
+    moe, x = _moe(capacity_factor=0, activation="swiglu")
+    assert moe.experts.w1.shape == (4, 4, 12) and moe.experts.w2.shape == (4, 6, 4)
+    expected, _ = _expected(moe, x, kept=set(range(8)))
+    torch.testing.assert_close(moe(x), expected)
+    linear = SwitchMoE(4, num_experts=2, d_expert=1, activation="linear", d_out=8, capacity_factor=0)
+    assert linear(torch.randn(3, 4)).shape == (3, 8) and not hasattr(linear.experts, "w2")
+
+
+def test_bf16_autocast_keeps_router_in_float32():
+    moe, x = _moe()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(x)
+        assert moe.router(x).dtype == torch.float32
+    assert out.dtype == torch.bfloat16 and math.isfinite(out.float().sum().item())
