@@ -119,6 +119,21 @@ class LMOutput:
     moe_stats: Optional[dict]
 
 
+def moe_summary(moes: list) -> tuple:
+    """(aux loss, z loss, stats) of these MoE layers' last forward, detached, on CPU. stats (None without MoE
+    layers): tokens_per_expert (layers, E), dropped and assignments (counts), fraction_dropped."""
+    zero = torch.zeros(())
+    aux = sum((m.last_aux_loss.float().cpu() for m in moes if m.last_aux_loss is not None), zero)
+    z = sum((m.last_z_loss.float().cpu() for m in moes if m.last_z_loss is not None), zero)
+    if not moes or any(m.last_stats is None for m in moes):
+        return aux, z, None
+    dropped = sum(m.last_stats.dropped for m in moes)
+    assignments = sum(m.last_stats.assignments for m in moes)
+    stats = dict(tokens_per_expert=torch.stack([m.last_stats.tokens_per_expert.cpu() for m in moes]),
+                 dropped=dropped, assignments=assignments, fraction_dropped=dropped / max(1, assignments))
+    return aux, z, stats
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token cross entropy (batch, L), in float32."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
@@ -186,23 +201,10 @@ class MambaLM(nn.Module):
         h = self.run_layers(h)
         return self.head(h) if self.post_process else h
 
-    def moe_summary(self) -> tuple:
-        """(aux loss, z loss, stats) of the MoE layers' last forward, detached; zeros without MoE layers."""
-        moes = self.moe_layers()
-        zero = torch.zeros(())
-        aux = sum((m.last_aux_loss.float().cpu() for m in moes if m.last_aux_loss is not None), zero)
-        z = sum((m.last_z_loss.float().cpu() for m in moes if m.last_z_loss is not None), zero)
-        stats = None
-        if moes and all(m.last_stats is not None for m in moes):
-            tpe = torch.stack([m.last_stats.tokens_per_expert.cpu() for m in moes])
-            dropped = sum(m.last_stats.dropped for m in moes) / max(1, sum(m.last_stats.assignments for m in moes))
-            stats = dict(tokens_per_expert=tpe, fraction_dropped=dropped)
-        return aux, z, stats
-
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 loss_mask: Optional[torch.Tensor] = None) -> LMOutput:
         logits = self.stage_forward(tokens)
-        aux, z, stats = self.moe_summary()
+        aux, z, stats = moe_summary(self.moe_layers())
         lm_loss = loss = None
         if labels is not None:
             lm_loss = masked_mean(self.cross_entropy(logits, labels), loss_mask)

@@ -70,6 +70,8 @@ def global_grad_norm(params, topo) -> float:
     from megatron.core import parallel_state as ps
 
     def counted(p, tp_rank):
+        if getattr(p, "shared_embedding_copy", False):  # the last pipeline stage's tied head
+            return False
         return getattr(p, "tensor_model_parallel", False) or tp_rank == 0
 
     with_grad = [p for p in params if p.grad is not None]

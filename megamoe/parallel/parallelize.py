@@ -103,8 +103,11 @@ def parallelize_embeddings(model: MambaLM, topo) -> None:
         model.cross_entropy = vocab_parallel_cross_entropy
 
 
-def build_parallel_model(cfg: Config, topo, **stage) -> MambaLM:
-    """This rank's shard of the model (or of its pipeline stage), on topo.device."""
+def build_parallel_model(cfg: Config, topo) -> MambaLM:
+    """This rank's shard of the model (of its pipeline stages under PP), on topo.device."""
+    from megamoe.parallel.pipeline import mark_shared_embedding_copy, stage_model_args
+    stage = stage_model_args(cfg, topo) if topo.pp > 1 else {}
     model = MambaLM(cfg.model, seed=cfg.training.seed, block_hook=lambda b: parallelize_block(b, topo), **stage)
     parallelize_embeddings(model, topo)
+    mark_shared_embedding_copy(model, topo)
     return model.to(topo.device)

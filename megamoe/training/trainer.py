@@ -78,52 +78,76 @@ def _mean_over_dp(values: torch.Tensor, topo: Topology) -> torch.Tensor:
     return values.cpu()
 
 
-def train_step(model, optimizer, batches, cfg: Config, topo: Topology, lr: float) -> dict:
+class MicroBatches:
+    """Runs one step's micro-batches through the whole model, one after another (no pipeline)."""
+
+    def __init__(self, model, cfg: Config, topo: Topology):
+        self.model, self.cfg, self.topo = model, cfg, topo
+
+    def _forward(self, batch):
+        device = self.topo.device
+        return self.model(batch["tokens"].to(device), labels=batch["labels"].to(device),
+                          loss_mask=batch["loss_mask"].to(device))
+
+    def forward_backward(self, batches: list) -> tuple:
+        """Sums over micro-batches of [lm loss, aux loss, z loss, dropped, assignments], tokens per expert."""
+        sums = torch.zeros(5, dtype=torch.float64)
+        tokens_per_expert = torch.zeros(self.cfg.model.num_experts, dtype=torch.float64)
+        for batch in batches:
+            out = self._forward(batch)
+            (out.lm_loss / len(batches)).backward()
+            stats = out.moe_stats or dict(dropped=0, assignments=0)
+            sums += torch.tensor([out.lm_loss.item(), float(out.aux_loss), float(out.z_loss), stats["dropped"],
+                                  stats["assignments"]], dtype=torch.float64)
+            if out.moe_stats:
+                tokens_per_expert += stats["tokens_per_expert"].sum(0).double()
+        return sums, tokens_per_expert
+
+    @torch.no_grad()
+    def evaluate(self, batches: list) -> float:
+        return sum(float(self._forward(b).lm_loss) for b in batches) / max(1, len(batches))
+
+
+def make_runner(model, cfg: Config, topo: Topology):
+    """What runs a step's micro-batches: the pipeline schedule under PP, else a plain loop."""
+    if topo.pp > 1:
+        from megamoe.parallel.pipeline import Pipeline
+        tcfg = cfg.training
+        return Pipeline(model, cfg, topo, tcfg.global_batch_size // (tcfg.micro_batch_size * topo.dp))
+    return MicroBatches(model, cfg, topo)
+
+
+def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: float) -> dict:
     """One optimizer step over `batches` (this rank's micro-batches); returns step metrics."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    sums = torch.zeros(5)  # loss, lm_loss, aux_loss, z_loss, fraction of dropped assignments
-    tokens_per_expert = None
     set_aux_loss_scale(1.0 / len(batches))  # the MoE losses are scaled as the LM loss is
-    for batch in batches:
-        with _autocast(cfg, topo.device), _fp8_context(cfg):
-            out = model(batch["tokens"].to(topo.device), labels=batch["labels"].to(topo.device),
-                        loss_mask=batch["loss_mask"].to(topo.device))
-        (out.lm_loss / len(batches)).backward()
-        stats = out.moe_stats or {}
-        sums += torch.tensor([out.loss.item(), out.lm_loss.item(), float(out.aux_loss), float(out.z_loss),
-                              stats.get("fraction_dropped", 0.0)])
-        if "tokens_per_expert" in stats:
-            tpe = stats["tokens_per_expert"].cpu()
-            tokens_per_expert = tpe if tokens_per_expert is None else tokens_per_expert + tpe
-    params = [p for p in model.parameters() if p.requires_grad]
+    with _autocast(cfg, topo.device), _fp8_context(cfg):
+        sums, tokens_per_expert = runner.forward_backward(batches)
+    params = [p for p in runner.model.parameters() if p.requires_grad]
     allreduce_gradients(params, topo)
     grad_norm = clip_gradients(params, cfg.optimizer.clip_grad, topo)
     optimizer.step()
-    loss, lm, aux, z, dropped = _mean_over_dp(sums / len(batches), topo).tolist()
-    record = dict(loss=loss, lm_loss=lm, aux_loss=aux, z_loss=z, lr=lr, grad_norm=grad_norm)
-    if tokens_per_expert is not None:
-        load = _mean_over_dp(tokens_per_expert.float().sum(0), topo)  # over MoE layers, then DP ranks
+    sums = _mean_over_dp(torch.cat([sums, tokens_per_expert]), topo)
+    lm, aux, z = (sums[:3] / len(batches)).tolist()
+    record = dict(loss=lm + aux + z, lm_loss=lm, aux_loss=aux, z_loss=z, lr=lr, grad_norm=grad_norm)
+    if sums[4] > 0:
+        load = sums[5:]
+        record["fraction_dropped"] = float(sums[3] / sums[4])
         record["expert_load_max_over_mean"] = float(load.max() / load.mean().clamp(min=1e-9))
-        record["fraction_dropped"] = dropped
     return record
 
 
-@torch.no_grad()
-def evaluate(model, batches, cfg: Config, topo: Topology) -> float:
+def evaluate(runner, batches, cfg: Config, topo: Topology) -> float:
     """Mean LM loss over the given validation micro-batches, averaged over data-parallel ranks."""
-    was_training = model.training
-    model.eval()
-    total, count = torch.zeros(()), 0
-    for batch in batches:
-        with _autocast(cfg, topo.device):
-            out = model(batch["tokens"].to(topo.device), labels=batch["labels"].to(topo.device),
-                        loss_mask=batch["loss_mask"].to(topo.device))
-        total += out.lm_loss.float().cpu()
-        count += 1
-    model.train(was_training)
-    return float(_mean_over_dp(total / max(count, 1), topo))
+    runner.model.eval()
+    try:
+        with _autocast(cfg, topo.device), _fp8_context(cfg):
+            loss = runner.evaluate(batches)
+    finally:
+        runner.model.train()
+    return float(_mean_over_dp(torch.tensor([loss], dtype=torch.float64), topo))
 
 
 def _set_threads(cfg: Config, local_world_size: int) -> None:
@@ -154,6 +178,7 @@ def train(cfg: Config) -> dict:
     tokenizer = None if cfg.data.mock and not cfg.data.tokenizer_model else load_tokenizer(cfg.data.tokenizer_model)
     cfg.model.vocab_size = resolve_vocab_size(cfg, tokenizer.vocab_size if tokenizer else None, topo.tp)
     model = build_parallel_model(cfg, topo)
+    runner = make_runner(model, cfg, topo)
     optimizer = build_optimizer(model, cfg.optimizer, topo.device)
     state = TrainState()
     if cfg.checkpoint.load:
@@ -184,7 +209,7 @@ def train(cfg: Config) -> dict:
     while state.step < tcfg.train_iters:
         start = time.perf_counter()
         batches = [next(train_iter) for _ in range(num_micro)]
-        record = train_step(model, optimizer, batches, cfg, topo, lr_at(state.step, cfg.optimizer, tcfg.train_iters))
+        record = train_step(runner, optimizer, batches, cfg, topo, lr_at(state.step, cfg.optimizer, tcfg.train_iters))
         state.step += 1
         state.consumed_train_samples += tcfg.global_batch_size
         elapsed = time.perf_counter() - start
@@ -195,7 +220,7 @@ def train(cfg: Config) -> dict:
                                      "is not finite; lower --lr or check the data")
         last = state.step == tcfg.train_iters
         if tcfg.eval_interval and (state.step % tcfg.eval_interval == 0 or last) and valid_batches:
-            record["valid_loss"] = evaluate(model, valid_batches(), cfg, topo)
+            record["valid_loss"] = evaluate(runner, valid_batches(), cfg, topo)
             record["valid_ppl"] = math.exp(min(record["valid_loss"], 50.0))
             state.history.append((state.step, record["valid_loss"]))
         if state.step % cfg.logging.log_interval == 0 or last or "valid_loss" in record:

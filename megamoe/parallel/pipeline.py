@@ -1,0 +1,239 @@
+"""Pipeline parallelism: the block stack split into stages, run by torch.distributed.pipelining schedules.
+
+megatron-core's schedules allocate on CUDA (PLATFORM.md), so the schedules are torch's (1F1B, interleaved
+1F1B with virtual stages, interleaved zero-bubble) over megatron-core's pipeline group.
+
+- Stages: `stage_blocks` splits the blocks into PP x VPP contiguous stages, at the pattern's `|` marks when it
+  has them, else balanced by each block's active parameters (FLOPs per token) with the LM head on the last
+  stage. Stage s runs on pipeline rank s % PP (interleaved "loop" order), and a rank's model is one MambaLM
+  holding the blocks of all its stages, so parameter names, checkpoints and the optimizer do not change.
+- Losses: the last stage computes the LM loss per micro-batch (scaled by 1 / micro-batches); the MoE losses
+  reach the backward of their own stage through `attach_aux_loss`, never crossing stages.
+- Tied embeddings: the last stage holds a copy of the embedding as its head; their gradients are summed over
+  megatron-core's embedding group after the backward, so the copies stay equal.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megamoe.config import Config, ConfigError, ModelConfig
+from megamoe.model.lm import MambaLM, block_kinds, masked_mean, moe_summary
+
+
+def block_costs(cfg: ModelConfig) -> list:
+    """Active parameters of each block: proportional to its FLOPs per token."""
+    with torch.device("meta"):
+        model = MambaLM(dataclasses.replace(cfg, vocab_size=cfg.vocab_size or 1))
+    costs = []
+    for block in model.layers.values():
+        cost = 0.0
+        for module in block.modules():
+            if hasattr(module, "experts") and hasattr(module, "top_k"):
+                cost -= sum(p.numel() for p in module.experts.parameters()) * (1 - module.top_k / module.num_experts)
+        costs.append(cost + sum(p.numel() for p in block.parameters()))
+    return costs
+
+
+def _balanced_split(costs: list, parts: int, tail: float) -> list:
+    """Contiguous split of `costs` into `parts` non-empty runs minimising the largest run (+ `tail` on the
+    last run). Dynamic programming over split points; block counts are small."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for k in range(1, parts + 1):
+        for end in range(k, n + 1):
+            extra = tail if (k == parts and end == n) else 0.0
+            for start in range(k - 1, end):
+                value = max(best[k - 1][start], prefix[end] - prefix[start] + extra)
+                if value < best[k][end]:
+                    best[k][end], cut[k][end] = value, start
+    bounds, end = [], n
+    for k in range(parts, 0, -1):
+        bounds.append((cut[k][end], end))
+        end = cut[k][end]
+    return [list(range(a, b)) for a, b in reversed(bounds)]
+
+
+def stage_blocks(cfg: Config) -> list:
+    """Global block indices of each of the PP x VPP stages, in pipeline order."""
+    pp = cfg.parallel.pipeline_model_parallel_size
+    stages = pp * (cfg.parallel.virtual_pipeline_model_parallel_size or 1)
+    model = cfg.model
+    n = len(block_kinds(model))
+    if "|" in model.pattern:
+        segments = model.pattern.split("|")
+        if len(segments) != stages:
+            raise ConfigError(f"model.pattern has {len(segments)} '|'-separated stages but the pipeline has "
+                              f"{stages} (PP {pp} x virtual {stages // pp}); give {stages - 1} '|' marks or none")
+        sizes = [len(block_kinds(dataclasses.replace(model, pattern=s))) for s in segments]
+        if 0 in sizes or sum(sizes) != n:
+            raise ConfigError(f"model.pattern {model.pattern!r}: every stage needs at least one layer, and a "
+                              "'|' may not split a Parallel MoE-Mamba 'ME' pair")
+        starts = [sum(sizes[:i]) for i in range(stages)]
+        return [list(range(s, s + k)) for s, k in zip(starts, sizes)]
+    if n < stages:
+        raise ConfigError(f"model.pattern has {n} blocks, fewer than the {stages} pipeline stages")
+    head = model.d_model * (model.vocab_size or 0)
+    return _balanced_split(block_costs(model), stages, head)
+
+
+class PipelineChunk(nn.Module):
+    """One pipeline stage's view of this rank's MambaLM: its blocks (registered here too, shared), plus the
+    embedding on the first stage and the final norm + head on the last."""
+
+    def __init__(self, lm: MambaLM, blocks: list, first: bool, last: bool):
+        super().__init__()
+        self.first, self.last = first, last
+        self.blocks = nn.ModuleList([lm.layers[str(i)] for i in blocks])
+        if first:
+            self.embedding = lm.embedding
+        if last:
+            self.norm_f, self.lm_head = lm.norm_f, lm.lm_head
+        self.moe_totals = None  # summed aux loss, z loss, stats of this chunk's micro-batches in a step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embedding(x) if self.first else x
+        for block in self.blocks:
+            h = block(h)
+        if self.training:
+            self._add_moe_summary()
+        return self.lm_head(self.norm_f(h)).float() if self.last else h
+
+    def _add_moe_summary(self) -> None:
+        aux, z, stats = moe_summary([m for b in self.blocks for m in b.modules() if hasattr(m, "last_stats")])
+        dropped = (stats["dropped"], stats["assignments"]) if stats else (0, 0)
+        tpe = stats["tokens_per_expert"].float() if stats else None
+        if self.moe_totals is None:
+            self.moe_totals = [aux, z, torch.tensor(dropped, dtype=torch.float64), tpe]
+        else:
+            totals = self.moe_totals
+            totals[0], totals[1] = totals[0] + aux, totals[1] + z
+            totals[2] += torch.tensor(dropped, dtype=torch.float64)
+            if tpe is not None:
+                totals[3] = totals[3] + tpe
+
+
+def _schedule_class(name: str, virtual: int):
+    from torch.distributed import pipelining
+    if name == "1f1b" and virtual == 1:
+        return pipelining.Schedule1F1B
+    if name in ("1f1b", "interleaved_1f1b"):
+        return pipelining.ScheduleInterleaved1F1B
+    return pipelining.ScheduleInterleavedZeroBubble
+
+
+class Pipeline:
+    """This rank's stages and the schedule that runs them; `forward_backward` runs one optimizer step's
+    micro-batches and returns the step's loss sums, the same on every rank of the pipeline."""
+
+    def __init__(self, lm: MambaLM, cfg: Config, topo, num_micro: int):
+        from torch.distributed.pipelining import PipelineStage
+        self.model, self.lm, self.cfg, self.topo, self.num_micro = lm, lm, cfg, topo, num_micro
+        stages = stage_blocks(cfg)
+        self.virtual = len(stages) // topo.pp
+        mine = list(range(topo.pp_rank, len(stages), topo.pp))
+        self.chunks = [PipelineChunk(lm, stages[s], s == 0, s == len(stages) - 1) for s in mine]
+        self.stages = [PipelineStage(chunk, s, len(stages), topo.device, group=topo.pp_group,
+                                     input_args=self._example(s == 0, "input"),
+                                     output_args=self._example(s == len(stages) - 1, "output"))
+                       for chunk, s in zip(self.chunks, mine)]
+        self.lm_losses = []
+        schedule = _schedule_class(cfg.parallel.pipeline_schedule, self.virtual)
+        stage_arg = self.stages[0] if schedule.__name__ == "Schedule1F1B" else self.stages
+        # The loss is already divided by the number of micro-batches: no further gradient scaling.
+        self.schedule = schedule(stage_arg, n_microbatches=num_micro, loss_fn=self._loss, scale_grads=False)
+
+    def _example(self, end: bool, kind: str) -> torch.Tensor:
+        """Shapes the stages exchange, given up front (static mode: no inference forward, whose MoE routing
+        would also count in the step's statistics): tokens into the first stage, logits out of the last
+        (this rank's vocabulary shard, float32), hidden states (float32, the residual stream) otherwise."""
+        shape = (self.cfg.training.micro_batch_size, self.cfg.data.seq_length)
+        if end and kind == "input":
+            return torch.empty(shape, dtype=torch.long, device="meta")
+        width = self.cfg.model.vocab_size // self.topo.tp if end else self.cfg.model.d_model
+        return torch.empty(shape + (width,), dtype=torch.float32, device="meta", requires_grad=True)
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """target: (batch, 2, L) = labels and loss mask, packed so the schedule splits them together."""
+        lm_loss = masked_mean(self.lm.cross_entropy(logits, target[:, 0]), target[:, 1])
+        self.lm_losses.append(lm_loss.detach())
+        return lm_loss / self.num_micro
+
+    def _run(self, batches: list, train: bool) -> None:
+        device = self.topo.device
+        tokens = torch.cat([b["tokens"] for b in batches]).to(device)
+        target = torch.cat([torch.stack([b["labels"], b["loss_mask"].long()], 1) for b in batches]).to(device)
+        first, last = self.topo.is_first_stage, self.topo.is_last_stage
+        args = (tokens,) if first else ()
+        run = self.schedule.step if train else self.schedule.eval
+        run(*args, target=target if last else None)
+
+    def forward_backward(self, batches: list) -> tuple:
+        """(sums over micro-batches of [lm loss, aux loss, z loss], dropped, assignments, tokens per expert)."""
+        self.lm_losses.clear()
+        for chunk in self.chunks:
+            chunk.moe_totals = None
+        self._run(batches, train=True)
+        self._sync_tied_embedding_grads()
+        return self._gather_totals()
+
+    @torch.no_grad()
+    def evaluate(self, batches: list) -> float:
+        """Mean LM loss over `batches` (a multiple of the training micro-batch count), on every pipeline rank."""
+        self.lm_losses.clear()
+        for start in range(0, len(batches), self.num_micro):
+            self._run(batches[start:start + self.num_micro], train=False)
+        total = torch.tensor([float(sum(self.lm_losses)), float(len(self.lm_losses))], dtype=torch.float64)
+        dist.all_reduce(total, group=self.topo.pp_group)
+        return float(total[0] / total[1].clamp(min=1))
+
+    def _sync_tied_embedding_grads(self) -> None:
+        from megatron.core import parallel_state as ps
+        if not (self.cfg.model.tie_embeddings and ps.is_rank_in_embedding_group()):
+            return
+        weight = self.lm.embedding.weight if self.topo.is_first_stage else self.lm.lm_head.weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        dist.all_reduce(weight.grad, group=ps.get_embedding_group())
+
+    def _gather_totals(self) -> tuple:
+        """Sum every chunk's MoE totals and the last stage's LM losses over the pipeline group."""
+        num_experts = self.cfg.model.num_experts
+        sums = torch.zeros(5, dtype=torch.float64)  # lm, aux, z, dropped, assignments
+        sums[0] = float(sum(self.lm_losses))
+        tpe = torch.zeros(num_experts, dtype=torch.float64)
+        for chunk in self.chunks:
+            if chunk.moe_totals is not None:
+                aux, z, dropped, chunk_tpe = chunk.moe_totals
+                sums[1] += float(aux)
+                sums[2] += float(z)
+                sums[3:5] += dropped
+                if chunk_tpe is not None and chunk_tpe.shape[-1] == num_experts:
+                    tpe += chunk_tpe.sum(0).double()
+        packed = torch.cat([sums, tpe]).to(self.topo.device)
+        dist.all_reduce(packed, group=self.topo.pp_group)
+        packed = packed.cpu()
+        return packed[:5], packed[5:]
+
+
+def stage_model_args(cfg: Config, topo) -> dict:
+    """What this pipeline rank builds: the blocks of its stages, the embedding on the first rank, the final
+    norm and head on the last."""
+    stages = stage_blocks(cfg)
+    mine = sorted(b for s in range(topo.pp_rank, len(stages), topo.pp) for b in stages[s])
+    return dict(blocks=mine, pre_process=topo.is_first_stage, post_process=topo.is_last_stage)
+
+
+def mark_shared_embedding_copy(lm: MambaLM, topo) -> None:
+    """The last stage's copy of a tied embedding is counted once (on the first stage) by the global norm."""
+    if lm.cfg.tie_embeddings and topo.pp > 1 and lm.post_process and not lm.pre_process:
+        lm.lm_head.weight.shared_embedding_copy = True
