@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from megamoe.parallel.comm import count_all_reduce
+
 BUCKET_BYTES = 32 * 1024 * 1024
 
 
@@ -55,6 +57,7 @@ def allreduce_gradients(params, topo, bucket_bytes: int = BUCKET_BYTES) -> None:
             flat /= topo.dp
             if size > 1:
                 dist.all_reduce(flat, group=group)
+                count_all_reduce(flat, group, "dp_all_reduce")
             for g, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                 g.copy_(reduced)
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megamoe.parallel.comm import count_all_reduce
 from megamoe.parallel.sharding import ShardSpec, set_shard_spec, take_shard
 
 with warnings.catch_warnings():
@@ -34,6 +35,12 @@ def _mp_config(tp: int) -> ModelParallelConfig:
 
 def _noop_init(_):
     return None
+
+
+def _count_grad_all_reduce(x: torch.Tensor, group) -> None:
+    """Record the all-reduce that the backward will run on x's gradient (for bench/bench_comm.py)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        x.register_hook(lambda grad: count_all_reduce(grad, group, "tp_all_reduce"))
 
 
 def _copy_shard(dst: torch.Tensor, full: torch.Tensor, spec: ShardSpec, topo) -> None:
@@ -57,6 +64,7 @@ class ColumnParallel(tensor_parallel.ColumnParallelLinear):
             _copy_shard(self.bias, linear.bias, ShardSpec(tuple(linear.bias.shape), 0, blocks), topo)
 
     def forward(self, x):
+        _count_grad_all_reduce(x, self.tp_group)
         return super().forward(x)[0]
 
 
@@ -75,7 +83,9 @@ class RowParallel(tensor_parallel.RowParallelLinear):
                 self.bias.copy_(linear.bias)
 
     def forward(self, x):
-        return super().forward(x)[0]
+        out = super().forward(x)[0]
+        count_all_reduce(out, self.tp_group, "tp_all_reduce")
+        return out
 
 
 class VocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
@@ -86,20 +96,32 @@ class VocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
         super().__init__(vocab, dim, init_method=_noop_init, config=_mp_config(topo.tp), tp_group=topo.tp_group)
         _copy_shard(self.weight, embedding.weight, ShardSpec(tuple(embedding.weight.shape), 0), topo)
 
+    def forward(self, ids):
+        out = super().forward(ids)
+        count_all_reduce(out, self.tp_group, "tp_all_reduce")
+        return out
+
 
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token cross entropy from vocab-sharded logits (batch, L, vocab / TP); megatron-core's."""
-    return tensor_parallel.vocab_parallel_cross_entropy(local_logits.float(), labels)
+    from megatron.core import parallel_state
+    loss = tensor_parallel.vocab_parallel_cross_entropy(local_logits.float(), labels)
+    for _ in range(3):  # max logit, target logit, sum of exponentials: one float per token each
+        count_all_reduce(loss, parallel_state.get_tensor_model_parallel_group(), "tp_all_reduce")
+    return loss
 
 
 def copy_to_tp(x: torch.Tensor, group=None) -> torch.Tensor:
     """Identity forward, all-reduce of the gradient backward: enter a TP region with replicated input."""
+    _count_grad_all_reduce(x, group)
     return tensor_parallel.copy_to_tensor_model_parallel_region(x, group=group)
 
 
 def reduce_from_tp(x: torch.Tensor, group=None) -> torch.Tensor:
     """All-reduce forward, identity backward: leave a TP region whose ranks hold partial sums."""
-    return tensor_parallel.reduce_from_tensor_model_parallel_region(x, group=group)
+    out = tensor_parallel.reduce_from_tensor_model_parallel_region(x, group=group)
+    count_all_reduce(out, group, "tp_all_reduce")
+    return out
 
 
 class _GatherLastDim(torch.autograd.Function):
