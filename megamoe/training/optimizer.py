@@ -17,10 +17,11 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+def param_groups(model: torch.nn.Module, weight_decay: float, keep=None) -> list:
+    """decay / no_decay groups of the trainable parameters (those `keep(p)` accepts, when given)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and (keep is None or keep(p)):
             (no_decay if _no_decay(name, p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
@@ -36,8 +37,10 @@ def optimizer_backend(device: torch.device) -> str:
     return "torch AdamW (foreach)"
 
 
-def build_optimizer(model: torch.nn.Module, opt: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, opt.weight_decay)
+def build_optimizer(model: torch.nn.Module, opt: OptimizerConfig, device: torch.device,
+                    keep=None) -> torch.optim.Optimizer:
+    """AdamW over the model's parameters; `keep(p)` restricts it to some (ZeRO-1: the ones this rank owns)."""
+    groups = param_groups(model, opt.weight_decay, keep)
     kwargs = dict(lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps)
     backend = optimizer_backend(device)
     if backend == "apex FusedAdam":

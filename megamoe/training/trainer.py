@@ -21,6 +21,7 @@ from megamoe.logging import Progress, get_logger
 from megamoe.model.moe import set_aux_loss_scale
 from megamoe.parallel import Topology, detect_launch_env, init_distributed, set_seed
 from megamoe.parallel.data_parallel import allreduce_gradients, clip_gradients
+from megamoe.parallel.distributed_optimizer import ParamOwners
 from megamoe.training.optimizer import build_optimizer, optimizer_backend
 from megamoe.training.schedule import lr_at
 
@@ -117,11 +118,12 @@ def make_runner(model, cfg: Config, topo: Topology):
     return MicroBatches(model, cfg, topo)
 
 
-def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: float) -> dict:
-    """One optimizer step over `batches` (this rank's micro-batches); returns step metrics."""
+def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: float, owners=None) -> dict:
+    """One optimizer step over `batches` (this rank's micro-batches); returns step metrics.
+    `owners` (ZeRO-1): the optimizer steps only this rank's parameters, then they are broadcast."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
+    runner.model.zero_grad(set_to_none=True)
     set_aux_loss_scale(1.0 / len(batches))  # the MoE losses are scaled as the LM loss is
     with _autocast(cfg, topo.device), _fp8_context(cfg):
         sums, tokens_per_expert = runner.forward_backward(batches)
@@ -129,6 +131,8 @@ def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: floa
     allreduce_gradients(params, topo)
     grad_norm = clip_gradients(params, cfg.optimizer.clip_grad, topo)
     optimizer.step()
+    if owners is not None:
+        owners.broadcast()
     sums = _mean_over_dp(torch.cat([sums, tokens_per_expert]), topo)
     lm, aux, z = (sums[:3] / len(batches)).tolist()
     record = dict(loss=lm + aux + z, lm_loss=lm, aux_loss=aux, z_loss=z, lr=lr, grad_norm=grad_norm)
@@ -179,7 +183,8 @@ def train(cfg: Config) -> dict:
     cfg.model.vocab_size = resolve_vocab_size(cfg, tokenizer.vocab_size if tokenizer else None, topo.tp)
     model = build_parallel_model(cfg, topo)
     runner = make_runner(model, cfg, topo)
-    optimizer = build_optimizer(model, cfg.optimizer, topo.device)
+    owners = ParamOwners(model.parameters(), topo) if cfg.parallel.distributed_optimizer else None
+    optimizer = build_optimizer(model, cfg.optimizer, topo.device, keep=owners.owns if owners else None)
     state = TrainState()
     if cfg.checkpoint.load:
         state = checkpoint.load(cfg.checkpoint.load, model, optimizer, cfg, topo)
@@ -209,7 +214,8 @@ def train(cfg: Config) -> dict:
     while state.step < tcfg.train_iters:
         start = time.perf_counter()
         batches = [next(train_iter) for _ in range(num_micro)]
-        record = train_step(runner, optimizer, batches, cfg, topo, lr_at(state.step, cfg.optimizer, tcfg.train_iters))
+        record = train_step(runner, optimizer, batches, cfg, topo, lr_at(state.step, cfg.optimizer, tcfg.train_iters),
+                            owners)
         state.step += 1
         state.consumed_train_samples += tcfg.global_batch_size
         elapsed = time.perf_counter() - start

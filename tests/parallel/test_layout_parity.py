@@ -9,6 +9,7 @@ import torch
 
 from megamoe.config import config_from_dict
 from megamoe.parallel import destroy_distributed, init_distributed, set_seed
+from megamoe.parallel.distributed_optimizer import ParamOwners
 from megamoe.parallel.gather import full_tensors
 from megamoe.parallel.parallelize import build_parallel_model
 from megamoe.testing import run_on_ranks
@@ -47,16 +48,18 @@ def _my_micro_batches(step, dp_rank, dp):
     return out
 
 
-def _train(tp, ep, pp=1, vpp=None, schedule="1f1b"):
+def _train(tp, ep, pp=1, vpp=None, schedule="1f1b", zero=False):
     cfg = _config(tp, ep, pp, vpp, schedule)
     topo = init_distributed(cfg.parallel)
     set_seed(cfg.training.seed)
     model = build_parallel_model(cfg, topo)
     runner = make_runner(model, cfg, topo)
-    optimizer = build_optimizer(model, cfg.optimizer, topo.device)
+    owners = ParamOwners(model.parameters(), topo) if zero else None
+    optimizer = build_optimizer(model, cfg.optimizer, topo.device, keep=owners.owns if zero else None)
     losses, dropped, grads = [], [], None
     for step in range(STEPS):
-        record = train_step(runner, optimizer, _my_micro_batches(step, topo.dp_rank, topo.dp), cfg, topo, lr=1e-2)
+        record = train_step(runner, optimizer, _my_micro_batches(step, topo.dp_rank, topo.dp), cfg, topo, lr=1e-2,
+                            owners=owners)
         losses.append(record["loss"])
         dropped.append(record["fraction_dropped"])
         if step == 0:
@@ -64,7 +67,8 @@ def _train(tp, ep, pp=1, vpp=None, schedule="1f1b"):
             # summed into the first stage's embedding, which the comparison checks.
             named = {n: p for n, p in model.named_parameters() if not getattr(p, "shared_embedding_copy", False)}
             grads = full_tensors(named, topo, grads=True)
-    return dict(losses=losses, dropped=dropped, grads=grads)
+    state_numel = sum(t.numel() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
+    return dict(losses=losses, dropped=dropped, grads=grads, state_numel=state_numel)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +91,14 @@ def _check(results, reference):
 @pytest.mark.parametrize("tp, ep", [(2, 1), (1, 2), (1, 1)], ids=["TP2", "EP2", "DP2"])
 def test_two_rank_layouts_match_one_process(tp, ep, reference):
     _check(run_on_ranks(_train, 2, args=(tp, ep), timeout=300), reference)
+
+
+def test_zero1_distributed_optimizer_shards_state_and_matches(reference):
+    results = run_on_ranks(_train, 2, args=(1, 2, 1, None, "1f1b", True), timeout=300)  # EP 2, DP 2, ZeRO-1
+    _check(results, reference)
+    full = reference["state_numel"]
+    assert all(0.3 * full < r["state_numel"] < 0.7 * full for r in results)
+    assert sum(r["state_numel"] for r in results) - full < 0.01 * full  # experts are not replicated: ~no overlap
 
 
 @pytest.mark.parametrize("pp, vpp, schedule", [(2, None, "1f1b"), (2, 2, "interleaved_1f1b")],
