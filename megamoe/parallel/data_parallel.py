@@ -3,6 +3,7 @@
 Parameter attributes (set by the parallelize step, megatron-core's convention where one exists):
 - `is_expert`: the parameter belongs to local experts; its gradient is reduced over the expert-DP
   group, not the DP group (other EP ranks hold other experts).
+- `shared_embedding_copy`: the last pipeline stage's copy of a tied embedding, counted once in the norm.
 - `tensor_model_parallel`: the parameter is a shard along TP (megatron-core sets this); otherwise it is
   replicated across TP ranks and counted only on TP rank 0 in the norm.
 """
@@ -21,45 +22,89 @@ def is_expert(p: torch.Tensor) -> bool:
     return bool(getattr(p, "is_expert", False))
 
 
-def _buckets(tensors: list, bucket_bytes: int):
-    bucket, size = [], 0
-    for t in tensors:
-        bucket.append(t)
-        size += t.numel() * t.element_size()
-        if size >= bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-    if bucket:
-        yield bucket
+class _Bucket:
+    def __init__(self, params: list, group, size: int):
+        self.params, self.group, self.size = params, group, size
+        self.ready, self.work, self.flat = 0, None, None
 
 
-def allreduce_gradients(params, topo, bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Average gradients over the data-parallel replicas of the loss, in flat buckets.
+class GradientReducer:
+    """Averages gradients over the data-parallel replicas of the loss, overlapping the backward.
 
-    Each of the DP ranks computes the mean loss of its own micro-batches. A dense gradient is then the
-    average over the DP group. An expert's gradient already sums what every rank of its EP group sent it,
-    so it is summed over the expert-DP group (the other copies of that expert) and divided by the same DP
-    size (megatron-core scales expert gradients the same way).
+    Each DP rank computes the mean loss of its own micro-batches. A dense gradient is averaged over the DP
+    group. An expert's gradient already sums what every rank of its EP group sent it, so it is summed over
+    the expert-DP group (the other copies of that expert) and divided by the same DP size, as megatron-core
+    scales expert gradients.
 
-    A parameter that got no gradient on this rank (an expert no token reached) gets zeros, so every
-    replica reduces the same buckets."""
-    params = [p for p in params if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    dense = [p.grad for p in params if not is_expert(p)]
-    expert = [p.grad for p in params if is_expert(p)]
-    for grads, group, size in ((dense, topo.dp_group, topo.dp), (expert, topo.edp_group, topo.edp)):
-        if topo.dp == 1:
+    Parameters are packed into flat buckets in reverse order (the order the backward produces them). A hook
+    counts each parameter's gradient accumulations; once every parameter of a bucket has its gradient from the
+    step's last micro-batch, the bucket's all-reduce starts asynchronously while the backward goes on. Buckets
+    start strictly in order, so every replica issues the same collectives in the same order even when a rank's
+    experts got no tokens (those parameters never fire; `finish` reduces them, as zeros)."""
+
+    def __init__(self, params, topo, bucket_bytes: int = BUCKET_BYTES):
+        self.topo = topo
+        params = [p for p in params if p.requires_grad]
+        self.buckets = []
+        for expert, group, size in ((False, topo.dp_group, topo.dp), (True, topo.edp_group, topo.edp)):
+            members = [p for p in reversed(params) if is_expert(p) == expert]
+            current, nbytes = [], 0
+            for p in members:
+                current.append(p)
+                nbytes += p.numel() * p.element_size()
+                if nbytes >= bucket_bytes:
+                    self.buckets.append(_Bucket(current, group, size))
+                    current, nbytes = [], 0
+            if current:
+                self.buckets.append(_Bucket(current, group, size))
+        self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self.calls = {}
+        self.expected = 0
+        self.launched = 0
+        if topo.dp > 1:
+            for p in params:
+                p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def start(self, micro_batches: int) -> None:
+        """Call before the step's backward passes: gradients complete after `micro_batches` of them."""
+        self.expected, self.launched, self.calls = micro_batches, 0, {}
+        for b in self.buckets:
+            b.ready, b.work, b.flat = 0, None, None
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        n = self.calls[id(p)] = self.calls.get(id(p), 0) + 1
+        if n == self.expected:
+            self.bucket_of[id(p)].ready += 1
+            while self.launched < len(self.buckets) and self._complete(self.buckets[self.launched]):
+                self._launch(self.buckets[self.launched])
+
+    @staticmethod
+    def _complete(b: _Bucket) -> bool:
+        return b.ready == len(b.params)
+
+    def _launch(self, b: _Bucket) -> None:
+        for p in b.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        b.flat = _flatten_dense_tensors([p.grad for p in b.params])
+        b.flat /= self.topo.dp
+        if b.size > 1:
+            b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
+            count_all_reduce(b.flat, b.group, "dp_all_reduce")
+        self.launched += 1
+
+    def finish(self) -> None:
+        """Reduce what the hooks did not start, wait for everything, write the averaged gradients back."""
+        if self.topo.dp == 1:
             return
-        for bucket in _buckets(grads, bucket_bytes):
-            flat = _flatten_dense_tensors(bucket)
-            flat /= topo.dp
-            if size > 1:
-                dist.all_reduce(flat, group=group)
-                count_all_reduce(flat, group, "dp_all_reduce")
-            for g, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                g.copy_(reduced)
+        while self.launched < len(self.buckets):
+            self._launch(self.buckets[self.launched])
+        for b in self.buckets:
+            if b.work is not None:
+                b.work.wait()
+            for p, reduced in zip(b.params, _unflatten_dense_tensors(b.flat, [p.grad for p in b.params])):
+                p.grad.copy_(reduced)
+            b.flat = b.work = None
 
 
 def _sum_squares(grads: list) -> torch.Tensor:

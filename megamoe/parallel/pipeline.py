@@ -183,7 +183,6 @@ class Pipeline:
         for chunk in self.chunks:
             chunk.moe_totals = None
         self._run(batches, train=True)
-        self._sync_tied_embedding_grads()
         return self._gather_totals()
 
     @torch.no_grad()
@@ -196,7 +195,8 @@ class Pipeline:
         dist.all_reduce(total, group=self.topo.pp_group)
         return float(total[0] / total[1].clamp(min=1))
 
-    def _sync_tied_embedding_grads(self) -> None:
+    def sync_shared_grads(self) -> None:
+        """Sum the tied embedding's gradient over its first- and last-stage copies (after DP averaging)."""
         from megatron.core import parallel_state as ps
         if not (self.cfg.model.tie_embeddings and ps.is_rank_in_embedding_group()):
             return

@@ -20,7 +20,7 @@ from megamoe.config import Config, ConfigError
 from megamoe.logging import Progress, get_logger
 from megamoe.model.moe import set_aux_loss_scale
 from megamoe.parallel import Topology, detect_launch_env, init_distributed, set_seed
-from megamoe.parallel.data_parallel import allreduce_gradients, clip_gradients
+from megamoe.parallel.data_parallel import GradientReducer, clip_gradients
 from megamoe.parallel.distributed_optimizer import ParamOwners
 from megamoe.training.optimizer import build_optimizer, optimizer_backend
 from megamoe.training.schedule import lr_at
@@ -104,6 +104,9 @@ class MicroBatches:
                 tokens_per_expert += stats["tokens_per_expert"].sum(0).double()
         return sums, tokens_per_expert
 
+    def sync_shared_grads(self) -> None:
+        """Nothing is shared between stages without a pipeline."""
+
     @torch.no_grad()
     def evaluate(self, batches: list) -> float:
         return sum(float(self._forward(b).lm_loss) for b in batches) / max(1, len(batches))
@@ -114,8 +117,11 @@ def make_runner(model, cfg: Config, topo: Topology):
     if topo.pp > 1:
         from megamoe.parallel.pipeline import Pipeline
         tcfg = cfg.training
-        return Pipeline(model, cfg, topo, tcfg.global_batch_size // (tcfg.micro_batch_size * topo.dp))
-    return MicroBatches(model, cfg, topo)
+        runner = Pipeline(model, cfg, topo, tcfg.global_batch_size // (tcfg.micro_batch_size * topo.dp))
+    else:
+        runner = MicroBatches(model, cfg, topo)
+    runner.reducer = GradientReducer(model.parameters(), topo)
+    return runner
 
 
 def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: float, owners=None) -> dict:
@@ -125,10 +131,12 @@ def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: floa
         group["lr"] = lr
     runner.model.zero_grad(set_to_none=True)
     set_aux_loss_scale(1.0 / len(batches))  # the MoE losses are scaled as the LM loss is
+    runner.reducer.start(len(batches))
     with _autocast(cfg, topo.device), _fp8_context(cfg):
         sums, tokens_per_expert = runner.forward_backward(batches)
+    runner.reducer.finish()
+    runner.sync_shared_grads()
     params = [p for p in runner.model.parameters() if p.requires_grad]
-    allreduce_gradients(params, topo)
     grad_norm = clip_gradients(params, cfg.optimizer.clip_grad, topo)
     optimizer.step()
     if owners is not None:

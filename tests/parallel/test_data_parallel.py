@@ -5,7 +5,7 @@ import torch
 
 from megamoe.config import ParallelConfig
 from megamoe.parallel import init_distributed
-from megamoe.parallel.data_parallel import allreduce_gradients, clip_gradients, global_grad_norm
+from megamoe.parallel.data_parallel import GradientReducer, clip_gradients, global_grad_norm
 from megamoe.testing import run_on_ranks
 
 
@@ -16,7 +16,9 @@ def _dp_average():
     expert.is_expert = True
     dense.grad = torch.full((3,), float(topo.rank + 1))
     expert.grad = torch.full((2,), float(10 * (topo.rank + 1)))
-    allreduce_gradients([dense, expert], topo, bucket_bytes=4)  # tiny buckets: one tensor each
+    reducer = GradientReducer([dense, expert], topo, bucket_bytes=4)  # tiny buckets: one tensor each
+    reducer.start(1)
+    reducer.finish()  # no backward ran, so no hook started a bucket: finish reduces them all
     return dense.grad.tolist(), expert.grad.tolist()
 
 
@@ -42,3 +44,32 @@ def test_tp2_norm_counts_replicated_parameters_once():
     for norm, before, after in run_on_ranks(_tp_norm, 2):
         assert math.isclose(norm, expected, rel_tol=1e-6) and math.isclose(before, expected, rel_tol=1e-6)
         assert math.isclose(after, 1.0, rel_tol=1e-5)
+
+
+def _overlapped_backward():
+    """Two micro-batches of a real backward: buckets start from the hooks; the result is the DP average."""
+    topo = init_distributed(ParallelConfig())
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    reducer = GradientReducer(model.parameters(), topo, bucket_bytes=64)
+    assert len(reducer.buckets) > 1
+    reducer.start(2)
+    for micro in range(2):
+        x = torch.full((3, 4), float(topo.rank + micro))
+        model(x).sum().backward()
+    started = reducer.launched
+    reducer.finish()
+    return started, len(reducer.buckets), [p.grad.clone() for p in model.parameters()]
+
+
+def test_overlapped_buckets_start_during_backward_and_average():
+    (s0, n, g0), (s1, _, g1) = run_on_ranks(_overlapped_backward, 2)
+    assert s0 == s1 == n  # every bucket was started by the hooks, before finish()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    for rank in range(2):
+        for micro in range(2):
+            (model(torch.full((3, 4), float(rank + micro))).sum() / 2).backward()
+    for got0, got1, want in zip(g0, g1, model.parameters()):
+        torch.testing.assert_close(got0, want.grad)
+        torch.testing.assert_close(got1, want.grad)

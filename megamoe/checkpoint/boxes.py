@@ -1,0 +1,216 @@
+"""Tensors as boxes of their global tensors, written and read with torch.distributed.checkpoint (DCP).
+
+A rank's parameter shard is a `Boxes`: the local tensor and, per box, its offsets in the local and the global
+tensor (parallel/sharding.ShardSpec.regions). `_BoxSavePlanner` turns each box into one DCP write item keyed
+by (name, global offsets): DCP's global plan then de-duplicates replicas (the same box proposed by several
+ranks is written once) and checks that the chunks of every tensor tile it exactly. `_BoxLoadPlanner` asks,
+for each box a rank needs, for the overlapping parts of whatever chunks were saved: any layout reads any other.
+
+ShardedTensor was not used: it validates that its shards neither overlap nor leave gaps, which replicated
+shards (TP-replicated norms, DP copies) break; DTensor needs one device mesh per placement, which Mamba's
+[x | z] in_proj split and the EP x ETP expert grid do not fit. The planner API is DCP's extension point, and
+the files it writes are plain DCP checkpoints (torch.distributed.checkpoint.format_utils reads them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from megamoe.checkpoint.errors import CheckpointError
+from megamoe.config import Config
+from megamoe.parallel.sharding import shard_spec
+
+MODEL, OPTIM = "model.", "optimizer.state."
+
+
+@dataclass
+class Boxes:
+    """`local` holds the boxes [(local_offsets, global_offsets, sizes)] of a tensor of `global_shape`."""
+
+    local: torch.Tensor
+    global_shape: tuple
+    boxes: list
+
+    @classmethod
+    def whole(cls, t: torch.Tensor) -> "Boxes":
+        zero = (0,) * t.dim()
+        return cls(t, tuple(t.shape), [(zero, zero, tuple(t.shape))])
+
+    def view(self, i: int) -> torch.Tensor:
+        local, _, size = self.boxes[i]
+        return self.local[tuple(slice(o, o + s) for o, s in zip(local, size))]
+
+
+def param_boxes(p: torch.Tensor, topo) -> Boxes:
+    """Where this rank's parameter `p` (or a tensor shaped like it) sits in its global tensor."""
+    spec = shard_spec(p)
+    t = p.detach()
+    if spec is None:
+        return Boxes.whole(t)
+    if getattr(p, "is_expert", False):
+        regions = spec.regions(topo.etp_rank, topo.etp, topo.ep_rank, topo.ep)
+    else:
+        regions = spec.regions(topo.tp_rank, topo.tp)
+    return Boxes(t, tuple(spec.global_shape), regions)
+
+
+def canonical_name(name: str, cfg: Config) -> str:
+    """The global name of a parameter: a tied LM head (the last stage's copy under PP) is the embedding."""
+    return "embedding.weight" if cfg.model.tie_embeddings and name == "lm_head.weight" else name
+
+
+def _named_tensors(model, cfg: Config) -> dict:
+    """{global name: tensor} of parameters and persistent buffers, each shared tensor once."""
+    out, seen = {}, set()
+    buffers = dict(model.named_buffers())
+    for name, t in list(model.named_parameters()) + [(n, buffers[n]) for n in model.state_dict() if n in buffers]:
+        key = canonical_name(name, cfg)
+        if id(t) not in seen and key not in out:
+            seen.add(id(t))
+            out[key] = t
+    return out
+
+
+def model_entries(model, cfg: Config, topo) -> dict:
+    """{"model.<name>": Boxes} of this rank's model (views of the parameters: loading writes in place)."""
+    return {MODEL + name: param_boxes(t, topo) for name, t in _named_tensors(model, cfg).items()}
+
+
+def state_boxes(value: torch.Tensor, p: torch.Tensor, topo, key: str) -> Boxes:
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"optimizer state {key} is a {type(value).__name__}, not a tensor; only tensor "
+                              "state (AdamW's exp_avg, exp_avg_sq, step) can be checkpointed")
+    if value.shape == p.shape:
+        return dataclasses.replace(param_boxes(p, topo), local=value.detach())
+    if value.dim() == 0:
+        return Boxes.whole(value.detach())
+    raise CheckpointError(f"optimizer state {key} has shape {tuple(value.shape)}, neither the parameter's "
+                          f"{tuple(p.shape)} nor a scalar")
+
+
+def param_names(model, optimizer, cfg: Config) -> dict:
+    names = {id(p): canonical_name(n, cfg) for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in names:
+                raise CheckpointError("the optimizer holds a parameter that is not in the model")
+    return names
+
+
+def optimizer_entries(model, optimizer, cfg: Config, topo) -> dict:
+    """{"optimizer.state.<name>.<key>": Boxes} of the state this rank's optimizer holds (ZeRO: its own)."""
+    names = param_names(model, optimizer, cfg)
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                key = f"{OPTIM}{names[id(p)]}.{k}"
+                out[key] = state_boxes(v, p, topo, key)
+    return out
+
+
+class _BoxSavePlanner(DefaultSavePlanner):
+    """One write item per box; the default global plan de-duplicates replicas and checks coverage."""
+
+    def __init__(self):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False):
+        self.state_dict, self.is_coordinator = state_dict, is_coordinator
+
+    def create_local_plan(self) -> SavePlan:
+        items = []
+        for key, entry in self.state_dict.items():
+            props = TensorProperties.create_from_tensor(entry.local)
+            for _, glob, size in entry.boxes:
+                chunk = ChunkStorageMetadata(offsets=torch.Size(glob), sizes=torch.Size(size))
+                items.append(WriteItem(index=MetadataIndex(key, torch.Size(glob)), type=WriteItemType.SHARD,
+                                       tensor_data=TensorWriteData(chunk=chunk, properties=props,
+                                                                   size=torch.Size(entry.global_shape))))
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item):
+        entry = self.state_dict[write_item.index.fqn]
+        for i, (_, glob, _) in enumerate(entry.boxes):
+            if torch.Size(glob) == write_item.index.offset:
+                return entry.view(i).detach()
+        raise KeyError(write_item.index)
+
+
+class _BoxLoadPlanner(DefaultLoadPlanner):
+    """Read items that fill each local box from whichever saved chunks overlap it."""
+
+    def __init__(self):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
+        self.state_dict, self.metadata, self.is_coordinator = state_dict, metadata, is_coordinator
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for key, entry in self.state_dict.items():
+            chunks = [ChunkStorageMetadata(torch.Size(g), torch.Size(s)) for _, g, s in entry.boxes]
+            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], chunks)
+        return LoadPlan(items)
+
+    def resolve_tensor(self, read_item):
+        entry = self.state_dict[read_item.dest_index.fqn]
+        box = entry.view(read_item.dest_index.index)
+        return box[tuple(slice(o, o + n) for o, n in zip(read_item.dest_offsets, read_item.lengths))]
+
+
+def rank_and_world(topo) -> tuple:
+    """(rank, world size) of the collective a save/load runs over; a single process without topo."""
+    if topo is None or not dist.is_initialized() or dist.get_world_size() == 1:
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier(topo):
+    if rank_and_world(topo)[1] > 1:
+        dist.barrier()
+
+
+def gather_all(obj, topo) -> list:
+    if rank_and_world(topo)[1] == 1:
+        return [obj]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, obj)
+    return every
+
+
+def write_entries(path: str, entries: dict, topo=None) -> None:
+    """Write {key: Boxes} of every rank (collectively) as one DCP checkpoint in `path`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(entries, checkpoint_id=path, planner=_BoxSavePlanner(), no_dist=rank_and_world(topo)[1] == 1)
+
+
+def read_entries(path: str, entries: dict, topo=None) -> None:
+    """Fill {key: Boxes} from the DCP checkpoint in `path` (collectively when topo spans ranks)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        try:
+            dcp.load(entries, checkpoint_id=path, planner=_BoxLoadPlanner(), no_dist=rank_and_world(topo)[1] == 1)
+        except Exception as e:  # DCP's errors name keys and ranks, not the folder
+            raise CheckpointError(f"reading {path} failed: {e}") from e
+
+
+def read_metadata(path: str):
+    """DCP's metadata (every key's global size, dtype and saved chunks) of a checkpoint folder."""
+    try:
+        return dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"{os.path.join(path, '.metadata')} cannot be read ({type(e).__name__}: {e}); "
+                              "the checkpoint is damaged") from e

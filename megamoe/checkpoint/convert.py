@@ -1,0 +1,167 @@
+"""Offline work on a checkpoint, in one CPU process with no process group: read whole tensors, re-shard to
+another layout, describe it.
+
+A checkpoint loads into any layout as it is (every rank reads the parts of the saved chunks its boxes need).
+`reshard` rewrites it so that its stored chunks are exactly the boxes of a target layout (TP2 EP2 -> TP1 EP4:
+each rank of the target reads one chunk per tensor), after checking that the target divides the model.
+`split_rule` says how megamoe.parallel shards each parameter, from its name alone, so no ranks are needed;
+tests/checkpoint/test_layouts.py holds it against the live parallelize.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+
+import torch
+
+from megamoe.checkpoint.boxes import MODEL, OPTIM, Boxes, read_entries, read_metadata, write_entries
+from megamoe.checkpoint.errors import CheckpointError
+from megamoe.checkpoint.folder import finalize, load_config, new_tmp, read_marker, resolve, step_name
+from megamoe.config import ConfigError, ModelConfig
+from megamoe.parallel.sharding import ShardSpec
+
+MOE_IN_MAMBA = (".mixer.conv_proj.", ".mixer.gate_proj.", ".mixer.out_proj.experts.")
+COLUMN = ("conv1d.weight", "conv1d.bias", "dt_proj.weight", "dt_proj.bias", "A_log", "D")
+
+
+def read_tensors(path: str, prefix: str = MODEL) -> dict:
+    """{key without prefix: whole tensor} of every saved tensor whose key starts with `prefix`, on CPU."""
+    path = resolve(path)
+    metadata = read_metadata(path)
+    entries = {k: Boxes.whole(torch.empty(tuple(md.size), dtype=md.properties.dtype))
+               for k, md in metadata.state_dict_metadata.items() if k.startswith(prefix) and hasattr(md, "chunks")}
+    read_entries(path, entries)
+    return {k[len(prefix):]: e.local for k, e in entries.items()}
+
+
+def split_rule(name: str, shape: tuple, model: ModelConfig) -> ShardSpec:
+    """How parallelize shards parameter `name` (global, without "model.") over TP (`dim`, split in
+    `partitions` blocks) and, for experts, over EP (`expert_dim`) and expert-TP; a spec without dims is
+    replicated."""
+    shape = tuple(shape)
+    if name in ("embedding.weight", "lm_head.weight"):
+        return ShardSpec(shape, 0)  # vocab-parallel rows
+    if ".experts." in name:
+        if any(k in name for k in MOE_IN_MAMBA):  # linear experts: no expert-TP
+            return ShardSpec(shape, None, expert_dim=0)
+        if name.endswith(".w1"):
+            swiglu = model.expert_activation == "swiglu"
+            return ShardSpec(shape, 2, (shape[2] // 2,) * 2 if swiglu else (), expert_dim=0)
+        return ShardSpec(shape, 1, expert_dim=0)
+    leaf = name.rsplit(".", 2)
+    sub = ".".join(leaf[-2:])
+    if ".mixer." in name and any(k in name for k in MOE_IN_MAMBA):
+        return ShardSpec(shape)  # routers of the MoE projections (TP is rejected with them)
+    if ".mixer." in name:
+        if sub in ("in_proj.weight", "in_proj.bias"):
+            return ShardSpec(shape, 0, (model.d_inner, model.d_inner))  # [x | z], each split by channel
+        if sub in COLUMN or leaf[-1] in ("A_log", "D"):
+            return ShardSpec(shape, 0)
+        if sub in ("x_proj.weight", "out_proj.weight"):
+            return ShardSpec(shape, 1)  # row-parallel
+    if sub in ("qkv.weight", "qkv.bias") and ".attention." in name:
+        return ShardSpec(shape, 0, (model.d_model,) * 3)
+    if sub in ("fc1.weight", "fc1.bias") and ".ffn." in name:
+        swiglu = model.expert_activation == "swiglu"
+        return ShardSpec(shape, 0, (shape[0] // 2,) * 2 if swiglu else ())
+    if sub in ("out_proj.weight", "fc2.weight"):
+        return ShardSpec(shape, 1)
+    return ShardSpec(shape)  # norms, routers, row-parallel biases
+
+
+def layout_boxes(name: str, shape: tuple, model: ModelConfig, tp: int, ep: int, etp: int) -> list:
+    """Every distinct box (global offsets, sizes) the ranks of a TP x EP (x ETP) layout hold of `name`."""
+    spec = split_rule(name, shape, model)
+    expert = spec.expert_dim is not None
+    boxes = []
+    for tp_rank in range(etp if expert else tp):
+        for ep_rank in range(ep if expert else 1):
+            for _, glob, size in spec.regions(tp_rank, etp if expert else tp, ep_rank, ep if expert else 1):
+                if (glob, size) not in boxes:
+                    boxes.append((glob, size))
+    return boxes
+
+
+def check_layout(path: str, tp: int = 1, pp: int = 1, ep: int = 1, etp=None, dp=None):
+    """The checkpoint's config with the target layout, validated (every size divides what it splits).
+    dp None: the fewest data-parallel replicas the expert grid needs."""
+    cfg = copy.deepcopy(load_config(path))
+    p = cfg.parallel
+    p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, pp
+    p.expert_model_parallel_size, p.expert_tensor_parallel_size = ep, etp
+    if dp is None:
+        dp = math.lcm(tp * pp, p.resolved_etp * ep * pp) // (tp * pp)
+    try:
+        p.validate(tp * pp * dp, cfg.model)
+        if pp > 1:
+            from megamoe.parallel.pipeline import stage_blocks
+            stage_blocks(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"target layout for {path}: {e}") from e
+    return cfg, dp
+
+
+def reshard(path: str, output: str, tp: int = 1, pp: int = 1, ep: int = 1, etp=None, dp=None) -> str:
+    """Rewrite checkpoint `path` as output/iter_<step> whose chunks are the boxes of the target layout;
+    model, optimizer state, train state and config are carried over. Returns the new folder."""
+    path = resolve(path)
+    cfg, dp = check_layout(path, tp, pp, ep, etp, dp)
+    etp = cfg.parallel.resolved_etp
+    marker = read_marker(path)
+    model = read_tensors(path, MODEL)
+    entries = {}
+    for key, t in list((MODEL + k, v) for k, v in model.items()) + list(
+            (OPTIM + k, v) for k, v in read_tensors(path, OPTIM).items()):
+        name = key[len(MODEL):] if key.startswith(MODEL) else key[len(OPTIM):].rpartition(".")[0]
+        if t.dim() == 0 or (key.startswith(OPTIM) and model[name].shape != t.shape):
+            entries[key] = Boxes.whole(t)
+            continue
+        boxes = layout_boxes(name, tuple(t.shape), cfg.model, tp, ep, etp)
+        entries[key] = Boxes(t, tuple(t.shape), [(glob, glob, size) for glob, size in boxes])
+    name = step_name(marker["step"])
+    tmp = new_tmp(output, name, None)
+    write_entries(tmp, entries)
+    shutil.copy(os.path.join(path, "config.yaml"), os.path.join(tmp, "config.yaml"))
+    if os.path.isfile(os.path.join(path, "rng_rank0.pt")):  # every rank draws the same streams
+        shutil.copy(os.path.join(path, "rng_rank0.pt"), os.path.join(tmp, "rng_rank0.pt"))
+    layout = dict(tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, world_size=tp * pp * dp)
+    new = dict(marker, layout=layout, converted_from=dict(path=os.path.abspath(path), layout=marker.get("layout")))
+    new.pop("files", None)
+    return finalize(output, tmp, name, new, None)
+
+
+def inspect(path: str) -> str:
+    """A readable summary: step, train state, layout, model, files, and every tensor's global shape and
+    how many chunks it was saved in."""
+    path = resolve(path)
+    marker = read_marker(path)
+    metadata = read_metadata(path)
+    lay = marker.get("layout", {})
+    state = marker.get("train_state", {})
+    m = marker.get("model", {})
+    files = marker.get("files", {})
+    lines = [f"checkpoint {path}",
+             f"step {marker.get('step')}, consumed samples {state.get('consumed_train_samples')}, saved "
+             f"{marker.get('saved_at', '?')} with torch {marker.get('torch', '?')}",
+             f"saved layout: TP {lay.get('tp')} x PP {lay.get('pp')} x EP {lay.get('ep')} (ETP {lay.get('etp')}) "
+             f"x DP {lay.get('dp')} on {lay.get('world_size')} ranks (loads into any layout)"]
+    if "converted_from" in marker:
+        lines.append(f"converted from {marker['converted_from']['path']}")
+    lines.append(f"model: pattern {m.get('pattern')}, d_model {m.get('d_model')}, vocab {m.get('vocab_size')}, "
+                 f"{m.get('num_experts')} experts, tie_embeddings {m.get('tie_embeddings')}")
+    lines.append(f"optimizer state: {'yes' if marker.get('optimizer') else 'no'}; files: {len(files)}, "
+                 f"{sum(s for s, _ in files.values()) / 2 ** 20:.2f} MiB")
+    numel = 0
+    rows = []
+    for key, md in sorted(metadata.state_dict_metadata.items()):
+        if not hasattr(md, "chunks"):
+            continue
+        shape = tuple(md.size)
+        numel += torch.Size(shape).numel() if key.startswith(MODEL) else 0
+        rows.append((key, str(md.properties.dtype).replace("torch.", ""), str(shape), len(md.chunks)))
+    lines.append(f"tensors: {len(rows)} ({numel / 1e6:.3f}M model parameters)")
+    width = max((len(r[0]) for r in rows), default=0)
+    lines += [f"  {k:<{width}}  {d:<8} {s:<18} {c} chunk{'s' if c > 1 else ''}" for k, d, s, c in rows]
+    return "\n".join(lines)
