@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megamoe.ops import selective_scan, selective_state_update
+from megamoe.ops import causal_conv1d, selective_scan, selective_state_update
 
 
 def init_dt_bias(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
@@ -71,6 +71,10 @@ class MambaMixer(nn.Module):
             return self.in_proj(h).chunk(2, dim=-1)
         return self.conv_proj(h), self.gate_proj(h)
 
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(causal depthwise conv1d(x)); x (batch, d_inner, L)."""
+        return causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, activation="silu")
+
     def _ssm_inputs(self, x: torch.Tensor):
         """x (batch, L, d_inner) after conv -> dt (batch, d_inner, L) before bias, B, C (batch, d_state, L)."""
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -78,9 +82,8 @@ class MambaMixer(nn.Module):
         return dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        length = h.shape[1]
         x, z = self._in_projections(h)
-        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :length])  # (batch, d_inner, L)
+        x = self._conv(x.transpose(1, 2))  # (batch, d_inner, L)
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
         y = selective_scan(x, dt, A, B, C, self.D.float(), z=z.transpose(1, 2),
@@ -105,7 +108,7 @@ class MambaMixer(nn.Module):
         keep = min(self.d_conv, length)
         conv_state.zero_()
         conv_state[..., -keep:] = x[..., -keep:]
-        x = F.silu(self.conv1d(x)[..., :length])
+        x = self._conv(x)
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         y, last = selective_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z.transpose(1, 2),
                                  delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=True)
