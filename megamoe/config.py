@@ -199,6 +199,7 @@ class DataConfig:
     tokenizer_model: Optional[str] = None  # sentencepiece .model
     seq_length: int = 256
     num_workers: int = 0
+    cache_path: Optional[str] = None  # dataset index cache; None: <data dir>/index_cache (or a temp dir)
     mock: bool = False  # random tokens, no files (for benchmarks and tests)
 
     def prefixes(self) -> list:
@@ -264,6 +265,10 @@ class TrainingConfig:
     seed: int = 1234
     bf16: bool = False
     fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine)
+    fp8_recipe: str = "delayed"  # delayed (amax history) | current (per-tensor current scaling, TE >= 2.2)
+    fp8_amax_history_len: int = 1024
+    fp8_margin: int = 0
+    transformer_engine: str = "auto"  # auto: TE linears on CUDA when importable | on | off
     eval_interval: int = 100
     eval_iters: int = 10
     torch_threads: Optional[int] = None  # CPU threads per process; None: cores / local processes
@@ -281,6 +286,13 @@ class TrainingConfig:
                 f"use a multiple of {self.micro_batch_size * dp}")
         if self.fp8 not in (None, "hybrid", "e4m3"):
             raise ConfigError(f"training.fp8={self.fp8!r}: use hybrid or e4m3, or leave it unset")
+        if self.fp8_recipe not in ("delayed", "current"):
+            raise ConfigError(f"training.fp8_recipe={self.fp8_recipe!r}: use delayed or current")
+        if self.transformer_engine not in ("auto", "on", "off"):
+            raise ConfigError(f"training.transformer_engine={self.transformer_engine!r}: use auto, on or off")
+        if self.fp8 and self.transformer_engine == "off":
+            raise ConfigError("training.fp8 needs Transformer Engine linears; set training.transformer_engine to "
+                              "auto or on, or unset training.fp8")
 
 
 @dataclass
@@ -315,10 +327,27 @@ class Config:
         self.parallel.validate(world_size, self.model)
         self.optimizer.validate()
         self.training.validate(world_size, self.parallel)
+        if self.training.fp8:
+            self._validate_fp8_shapes()
         if check_files:
             self.data.validate()
         if self.checkpoint.load and not os.path.exists(self.checkpoint.load):
             raise ConfigError(f"--load: {self.checkpoint.load} does not exist")
+
+    def _validate_fp8_shapes(self) -> None:
+        """FP8 GEMMs in Transformer Engine need every matrix dimension a multiple of 16."""
+        m, tp = self.model, self.parallel.tensor_model_parallel_size
+        dims = {"model.d_model": m.d_model, "tokens per micro-batch (--micro-batch-size x --seq-length)":
+                self.training.micro_batch_size * self.data.seq_length}
+        if "M" in m.pattern:
+            dims.update({"Mamba d_inner / TP": m.d_inner // tp, "model.dt_rank + 2 x model.d_state":
+                         m.resolved_dt_rank + 2 * m.d_state})
+        if "F" in m.pattern:
+            dims["model.d_ffn / TP"] = m.resolved_d_ffn // tp
+        for name, value in dims.items():
+            if value % 16:
+                raise ConfigError(f"training.fp8: {name} = {value} is not a multiple of 16, which FP8 GEMMs need; "
+                                  "change it or train in bf16 (unset training.fp8)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -347,6 +376,7 @@ MEGATRON_FLAGS = {
     "--data-path": "data.data_path",
     "--split": "data.split",
     "--tokenizer-model": "data.tokenizer_model",
+    "--data-cache-path": "data.cache_path",
     "--lr": "optimizer.lr",
     "--min-lr": "optimizer.min_lr",
     "--weight-decay": "optimizer.weight_decay",

@@ -9,12 +9,13 @@ import sys
 import time
 from typing import Optional
 
-import torch.distributed as dist
-
 METRICS_FILE = "metrics.jsonl"
 
 
 def _rank() -> int:
+    if "torch.distributed" not in sys.modules:  # tools that never touch torch start faster without it
+        return int(os.environ.get("RANK", 0))
+    import torch.distributed as dist
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 

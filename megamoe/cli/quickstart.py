@@ -77,7 +77,9 @@ def main(argv=None) -> int:
     log.info(f"[4/4] training on {args.nproc} gloo processes (expert parallel {args.nproc}): {config_path}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
            "-m", "megamoe.cli.train", "--config", config_path]
-    if subprocess.run(cmd).returncode != 0:
+    # torchrun would otherwise set one thread per process and say so; share this machine's cores out ourselves.
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    if subprocess.run(cmd, env=env).returncode != 0:
         log.error(f"training failed; rerun it alone with: {' '.join(cmd)}")
         return 1
     records = [r for r in read_metrics(run_dir) if "lm_loss" in r]

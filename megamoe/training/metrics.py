@@ -22,6 +22,30 @@ def flops_per_token(counts: dict, cfg: Config) -> float:
     return 6.0 * matmul + attention + scan
 
 
+class IntervalMeans:
+    """Losses averaged over the steps since the last logged one, and tokens/s over them (as Megatron logs)."""
+
+    KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "fraction_dropped")
+
+    def __init__(self):
+        self.sums, self.steps, self.tokens, self.seconds = {}, 0, 0, 0.0
+
+    def add(self, record: dict, tokens: int) -> None:
+        for key in self.KEYS:
+            if key in record:
+                self.sums[key] = self.sums.get(key, 0.0) + record[key]
+        self.steps += 1
+        self.tokens += tokens
+        self.seconds += record["step_time_s"]
+
+    def means(self, record: dict) -> dict:
+        """`record` (the last step's) with the interval's means, then start a new interval."""
+        out = dict(record, **{k: v / self.steps for k, v in self.sums.items()},
+                   tokens_per_s=self.tokens / max(self.seconds, 1e-9))
+        self.__init__()
+        return out
+
+
 class RunLogger:
     """Rank 0 writes; other ranks hold an inert logger."""
 
@@ -65,7 +89,7 @@ class RunLogger:
 
 
 def plot_losses(records: list, path: str) -> str:
-    """Train loss (raw and EMA-smoothed, as the paper reports) and validation loss against step."""
+    """Train loss (means over each log interval, and EMA-smoothed as the paper reports) and validation loss."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -74,12 +98,12 @@ def plot_losses(records: list, path: str) -> str:
     train = [r["lm_loss"] for r in records if "lm_loss" in r]
     ema, smoothed = None, []
     for v in train:
-        ema = v if ema is None else 0.9 * ema + 0.1 * v
+        ema = v if ema is None else 0.7 * ema + 0.3 * v
         smoothed.append(ema)
     valid = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, train, alpha=0.3, color="C0", label="train LM loss")
-    ax.plot(steps, smoothed, color="C0", label="train LM loss (EMA 0.9)")
+    ax.plot(steps, train, alpha=0.3, color="C0", label="train LM loss (mean over log interval)")
+    ax.plot(steps, smoothed, color="C0", label="train LM loss (EMA 0.7)")
     if valid:
         ax.plot(*zip(*valid), "o-", color="C1", label="valid loss")
     ax.set_xlabel("step")

@@ -22,6 +22,7 @@ from megamoe.model.moe import set_aux_loss_scale
 from megamoe.parallel import Topology, detect_launch_env, init_distributed, set_seed
 from megamoe.parallel.data_parallel import GradientReducer, clip_gradients
 from megamoe.parallel.distributed_optimizer import ParamOwners
+from megamoe.parallel.te import fast_paths, fp8_context
 from megamoe.training.optimizer import build_optimizer, optimizer_backend
 from megamoe.training.schedule import lr_at
 
@@ -56,19 +57,6 @@ def _autocast(cfg: Config, device: torch.device):
     if cfg.training.bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _fp8_context(cfg: Config):
-    if not cfg.training.fp8:
-        return contextlib.nullcontext()
-    try:
-        import transformer_engine.pytorch as te
-        from transformer_engine.common.recipe import DelayedScaling, Format
-    except ImportError:
-        raise ConfigError(f"training.fp8={cfg.training.fp8!r} needs Transformer Engine, which is not "
-                          "importable here; install megamoe[gpu] (or use the NGC container) or unset fp8") from None
-    fmt = Format.HYBRID if cfg.training.fp8 == "hybrid" else Format.E4M3
-    return te.fp8_autocast(enabled=True, fp8_recipe=DelayedScaling(fp8_format=fmt))
 
 
 def _mean_over_dp(values: torch.Tensor, topo: Topology) -> torch.Tensor:
@@ -132,7 +120,7 @@ def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: floa
     runner.model.zero_grad(set_to_none=True)
     set_aux_loss_scale(1.0 / len(batches))  # the MoE losses are scaled as the LM loss is
     runner.reducer.start(len(batches))
-    with _autocast(cfg, topo.device), _fp8_context(cfg):
+    with _autocast(cfg, topo.device), fp8_context(cfg):
         sums, tokens_per_expert = runner.forward_backward(batches)
     runner.reducer.finish()
     runner.sync_shared_grads()
@@ -155,7 +143,7 @@ def evaluate(runner, batches, cfg: Config, topo: Topology) -> float:
     """Mean LM loss over the given validation micro-batches, averaged over data-parallel ranks."""
     runner.model.eval()
     try:
-        with _autocast(cfg, topo.device), _fp8_context(cfg):
+        with _autocast(cfg, topo.device), fp8_context(cfg):
             loss = runner.evaluate(batches)
     finally:
         runner.model.train()
@@ -175,11 +163,11 @@ def _log_dir(cfg: Config) -> str:
 
 def train(cfg: Config) -> dict:
     """Run a whole training job as configured; returns a summary dict."""
-    from megamoe.data import build_data_iterators, load_tokenizer
+    from megamoe.data import build_data_iterators, check_indexed_dataset, check_tokenizer_matches, load_tokenizer
     from megamoe.model import count_parameters
     from megamoe.parallel.parallelize import build_parallel_model
     from megamoe import checkpoint
-    from megamoe.training.metrics import RunLogger
+    from megamoe.training.metrics import IntervalMeans, RunLogger
 
     env = detect_launch_env()
     cfg.validate(env.world_size)
@@ -188,8 +176,13 @@ def train(cfg: Config) -> dict:
     set_seed(cfg.training.seed)
 
     tokenizer = None if cfg.data.mock and not cfg.data.tokenizer_model else load_tokenizer(cfg.data.tokenizer_model)
+    if not cfg.data.mock:  # damaged files or a mismatched tokenizer fail before the model is built
+        for prefix in cfg.data.prefixes():
+            check_indexed_dataset(prefix)
+            check_tokenizer_matches(prefix, tokenizer)
     cfg.model.vocab_size = resolve_vocab_size(cfg, tokenizer.vocab_size if tokenizer else None, topo.tp)
-    model = build_parallel_model(cfg, topo)
+    paths = fast_paths(cfg, topo.device)
+    model = build_parallel_model(cfg, topo, paths)
     runner = make_runner(model, cfg, topo)
     owners = ParamOwners(model.parameters(), topo) if cfg.parallel.distributed_optimizer else None
     optimizer = build_optimizer(model, cfg.optimizer, topo.device, keep=owners.owns if owners else None)
@@ -201,8 +194,12 @@ def train(cfg: Config) -> dict:
     counts = count_parameters(cfg.model)
     log.info(topo.describe())
     log.info(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token "
-             f"(pattern {cfg.model.pattern}); optimizer: {optimizer_backend(topo.device)}; "
-             f"precision: {'bf16 autocast' if cfg.training.bf16 else 'fp32'}")
+             f"(pattern {cfg.model.pattern})")
+    precision = f"FP8 {cfg.training.fp8} ({cfg.training.fp8_recipe} scaling)" if cfg.training.fp8 else (
+        "bf16 autocast" if cfg.training.bf16 else "fp32")
+    scan = "Triton kernels" if topo.device.type == "cuda" else "chunked PyTorch scan (CPU)"
+    log.info(f"paths: precision {precision}; {paths.describe()}; scan: {scan}; "
+             f"optimizer: {optimizer_backend(topo.device)}{' + ZeRO-1' if owners else ''}")
     log.info("resolved config:\n" + cfg.to_yaml())
     if topo.is_rank0:
         os.makedirs(log_dir, exist_ok=True)
@@ -217,6 +214,7 @@ def train(cfg: Config) -> dict:
     tokens_per_step = tcfg.global_batch_size * cfg.data.seq_length
     run_log = RunLogger(log_dir, cfg, counts, topo)
     progress = Progress(tcfg.train_iters, state.step)
+    interval = IntervalMeans()
     record = {}
     model.train()
     while state.step < tcfg.train_iters:
@@ -227,8 +225,8 @@ def train(cfg: Config) -> dict:
         state.step += 1
         state.consumed_train_samples += tcfg.global_batch_size
         elapsed = time.perf_counter() - start
-        record.update(step=state.step, consumed_samples=state.consumed_train_samples,
-                      tokens_per_s=tokens_per_step / elapsed, step_time_s=elapsed)
+        record.update(step=state.step, consumed_samples=state.consumed_train_samples, step_time_s=elapsed)
+        interval.add(record, tokens_per_step)
         if not all(math.isfinite(record[k]) for k in ("loss", "grad_norm")):
             raise FloatingPointError(f"step {state.step}: loss {record['loss']} / grad norm {record['grad_norm']} "
                                      "is not finite; lower --lr or check the data")
@@ -238,6 +236,7 @@ def train(cfg: Config) -> dict:
             record["valid_ppl"] = math.exp(min(record["valid_loss"], 50.0))
             state.history.append((state.step, record["valid_loss"]))
         if state.step % cfg.logging.log_interval == 0 or last or "valid_loss" in record:
+            record = interval.means(record)
             run_log.log(record, progress)
         if cfg.checkpoint.save and (last or (cfg.checkpoint.save_interval
                                              and state.step % cfg.checkpoint.save_interval == 0)):
