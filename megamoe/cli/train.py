@@ -18,16 +18,36 @@ from megamoe.data import DataError
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
+def print_params(cfg) -> None:
+    """Total and active parameters, with and without embeddings (the paper counts without)."""
+    from megamoe.model import count_parameters
+    if cfg.model.vocab_size is None:
+        if not cfg.data.tokenizer_model:
+            raise ConfigError("--print-params needs the vocabulary: set --model.vocab_size or --tokenizer-model")
+        from megamoe.data import load_tokenizer
+        cfg.model.vocab_size = load_tokenizer(cfg.data.tokenizer_model).vocab_size
+    c = count_parameters(cfg.model)
+    print(f"pattern {cfg.model.pattern}, d_model {cfg.model.d_model}, vocab {cfg.model.vocab_size}")
+    print(f"{'':<22}{'total':>10}{'active':>10}")
+    print(f"{'without embeddings':<22}{c['total_non_embedding'] / 1e6:>9.1f}M{c['active_non_embedding'] / 1e6:>9.1f}M")
+    print(f"{'with embeddings':<22}{c['total'] / 1e6:>9.1f}M{c['active'] / 1e6:>9.1f}M")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="megamoe-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
+    parser.add_argument("--print-params", action="store_true",
+                        help="print total and active parameter counts of the configured model, then exit")
     args, overrides = parser.parse_known_args(argv)
     if args.help_config:
         print(describe_keys())
         return 0
     try:
         cfg = build_config(args.config, overrides)
+        if args.print_params:
+            print_params(cfg)
+            return 0
         from megamoe.training.trainer import train
         summary = train(cfg)
     except USER_ERRORS as e:

@@ -1,0 +1,144 @@
+"""The training loop: loss falls, gradient accumulation, bf16, metrics files, clear errors, a 2-process EP run."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megamoe.config import build_config, config_from_dict
+from megamoe.logging import read_metrics
+from megamoe.parallel import destroy_distributed, init_distributed, set_seed
+from megamoe.parallel.parallelize import build_parallel_model
+from megamoe.training.optimizer import build_optimizer
+from megamoe.training.trainer import make_runner, train, train_step
+
+TINY_MODEL = {"pattern": "MEME", "d_model": 64, "d_state": 8, "num_experts": 4}
+
+
+def _tiny(corpus, tmp_path, **sections):
+    base = {"model": dict(TINY_MODEL),
+            "data": {"data_path": [corpus["prefix"]], "tokenizer_model": corpus["tokenizer"], "seq_length": 64,
+                     "split": "80,20,0"},
+            "training": {"train_iters": 40, "micro_batch_size": 4, "global_batch_size": 8, "eval_interval": 20,
+                         "eval_iters": 2},
+            "optimizer": {"lr": 3e-3, "lr_warmup_iters": 4},
+            "logging": {"log_dir": str(tmp_path / "run"), "log_interval": 5}}
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    return config_from_dict(base)
+
+
+def test_tiny_run_loss_falls_and_writes_metrics(tiny_corpus, tmp_path, quiet_env):
+    try:
+        summary = train(_tiny(tiny_corpus, tmp_path))
+    finally:
+        destroy_distributed()
+    records = read_metrics(summary["metrics"])
+    assert [r["step"] for r in records if "lm_loss" in r][-1] == 40
+    first, last = records[0], records[-1]
+    assert last["lm_loss"] < first["lm_loss"] - 1.0, (first["lm_loss"], last["lm_loss"])
+    for key in ("step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s",
+                "consumed_samples", "fraction_dropped", "expert_load_max_over_mean"):
+        assert key in last, key
+    assert last["consumed_samples"] == 40 * 8
+    valid = [r for r in records if "valid_loss" in r]
+    assert [r["step"] for r in valid] == [20, 40] and valid[-1]["valid_loss"] < valid[0]["valid_loss"] + 0.5
+    assert os.path.getsize(summary["plot"]) > 1000
+    assert os.listdir(os.path.join(summary["log_dir"], "tensorboard"))
+    assert "model:" in open(os.path.join(summary["log_dir"], "config.yaml")).read()
+
+
+def test_bf16_run_finishes_finite(tiny_corpus, tmp_path, quiet_env):
+    cfg = _tiny(tiny_corpus, tmp_path, training={"train_iters": 4, "bf16": True, "eval_interval": 4})
+    try:
+        summary = train(cfg)
+    finally:
+        destroy_distributed()
+    final = summary["final"]
+    assert math.isfinite(final["loss"]) and math.isfinite(final["grad_norm"]) and math.isfinite(final["valid_loss"])
+
+
+def _grads_after_one_step(micro_batch_size, tokens):
+    """Gradients of one optimizer step over `tokens` split into micro-batches of `micro_batch_size`."""
+    cfg = config_from_dict({
+        "model": {**TINY_MODEL, "pattern": "MEAF", "vocab_size": 128, "capacity_factor": 0,
+                  "load_balancing_weight": 0.0, "num_heads": 4},
+        "data": {"mock": True, "seq_length": tokens.shape[1] - 1},
+        "training": {"micro_batch_size": micro_batch_size, "global_batch_size": tokens.shape[0]},
+        "optimizer": {"clip_grad": 0.0}})
+    topo = init_distributed(cfg.parallel)
+    try:
+        set_seed(0)
+        model = build_parallel_model(cfg, topo)
+        batches = [dict(tokens=t[:, :-1], labels=t[:, 1:], loss_mask=torch.ones(t.shape[0], t.shape[1] - 1))
+                   for t in tokens.split(micro_batch_size)]
+        record = train_step(make_runner(model, cfg, topo), build_optimizer(model, cfg.optimizer, topo.device),
+                            batches, cfg, topo, lr=0.0)
+        return record["lm_loss"], {n: p.grad.clone() for n, p in model.named_parameters()}
+    finally:
+        destroy_distributed()
+
+
+def test_gradient_accumulation_equals_one_larger_batch(quiet_env):
+    """Without capacity drops or a per-batch load-balancing term, k micro-batches of m samples give the
+    gradient of one batch of k x m samples."""
+    tokens = torch.randint(0, 128, (8, 17), generator=torch.Generator().manual_seed(0))
+    loss_4x2, grads_4x2 = _grads_after_one_step(2, tokens)
+    loss_1x8, grads_1x8 = _grads_after_one_step(8, tokens)
+    assert loss_4x2 == pytest.approx(loss_1x8, rel=1e-6)
+    for name, g in grads_1x8.items():
+        torch.testing.assert_close(grads_4x2[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def _cli(*args, **env):
+    return subprocess.run([sys.executable, "-m", "megamoe.cli.train", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+
+
+def test_bad_config_and_missing_data_fail_with_one_line(tmp_path):
+    out = _cli("--data-path", str(tmp_path / "nothing_text_document"), "--tokenizer-model", "tok.model")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "nothing_text_document.bin does not exist" in out.stderr
+    # As rank 0 of a 2-process torchrun job: the check runs before any rendezvous.
+    out = _cli("--data.mock", "true", "--model.num_experts", "3", "--expert-model-parallel-size", "2",
+               RANK="0", WORLD_SIZE="2")
+    assert out.returncode == 2 and "num_experts=3 is not divisible by --expert-model-parallel-size=2" in out.stderr
+    out = _cli("--data.mock", "true", "--model.d_modle", "3")
+    assert out.returncode == 2 and "did you mean model.d_model" in out.stderr
+
+
+def test_mismatched_tokenizer_fails_before_training(tiny_corpus, tmp_path):
+    from megamoe.data import train_tokenizer
+    other = train_tokenizer([os.path.join(tiny_corpus["folder"], "corpus.jsonl")], str(tmp_path / "other"), 700)
+    out = _cli("--data-path", tiny_corpus["prefix"], "--tokenizer-model", other, "--train-iters", "1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "tokenizer" in out.stderr
+
+
+def test_print_params_of_a_paper_config():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    out = _cli("--config", os.path.join(root, "examples", "paper", "moe_mamba_25m.yaml"), "--print-params",
+               "--model.vocab_size", "50257")
+    assert out.returncode == 0, out.stderr
+    assert "542.2M" in out.stdout and "26.3M" in out.stdout
+
+
+@pytest.mark.slow
+def test_two_process_expert_parallel_quickstart_config_trains(tiny_corpus, tmp_path):
+    """The quickstart's model on 2 gloo processes with expert parallel 2 (torchrun), loss falling."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    cfg = build_config(os.path.join(root, "megamoe", "configs", "quickstart.yaml"))
+    assert cfg.model.pattern.count("E") >= 2
+    run = tmp_path / "ep2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "megamoe.cli.train", "--config", os.path.join(root, "megamoe", "configs", "quickstart.yaml"),
+           "--data-path", tiny_corpus["prefix"], "--tokenizer-model", tiny_corpus["tokenizer"],
+           "--expert-model-parallel-size", "2", "--train-iters", "30", "--seq-length", "64",
+           "--eval-interval", "30", "--logging.log_dir", str(run), "--log-interval", "5", "--split", "80,20,0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "EP 2" in out.stdout
+    records = [r for r in read_metrics(str(run)) if "lm_loss" in r]
+    assert records[-1]["lm_loss"] < records[0]["lm_loss"] - 1.0
