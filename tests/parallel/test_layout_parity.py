@@ -101,8 +101,9 @@ def test_zero1_distributed_optimizer_shards_state_and_matches(reference):
     assert sum(r["state_numel"] for r in results) - full < 0.01 * full  # experts are not replicated: ~no overlap
 
 
-@pytest.mark.parametrize("pp, vpp, schedule", [(2, None, "1f1b"), (2, 2, "interleaved_1f1b")],
-                         ids=["PP2-1F1B", "PP2-interleaved"])
+@pytest.mark.parametrize("pp, vpp, schedule", [(2, None, "1f1b"), (2, 2, "interleaved_1f1b"),
+                                                (2, 2, "zero_bubble")],
+                         ids=["PP2-1F1B", "PP2-interleaved", "PP2-zero-bubble"])
 def test_pipeline_layouts_match_one_process(pp, vpp, schedule, reference):
     _check(run_on_ranks(_train, 2, args=(1, 1, pp, vpp, schedule), timeout=300), reference)
 
