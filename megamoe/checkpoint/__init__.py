@@ -10,9 +10,11 @@ other. Keys (those torch.distributed.checkpoint.state_dict gives an unsharded mo
     model.<name>                     model.layers.<global block index>.mixer.in_proj.weight, ...
     optimizer.state.<name>.<key>     exp_avg, exp_avg_sq (boxes as their parameter), step (a scalar)
 With tied embeddings only `embedding.weight` is stored; a last pipeline stage's `lm_head.weight` copy is
-saved and loaded as it. Beside the DCP files: rng_rank<r>.pt, config.yaml (the resolved config) and
-megamoe.json (step, train state, model config, layout, file sizes and CRC32s), written last; folder.py
-makes the save atomic. Offline conversion, inspection and export: convert.py, megamoe/export.py.
+saved and loaded as it. Optimizer state is saved for, and loaded into, the parameters the rank's optimizer
+holds (with ZeRO-1, the ones the rank owns; the owners of all ranks together cover every parameter).
+Beside the DCP files: rng_rank<r>.pt, config.yaml (the resolved config) and megamoe.json (step, train state,
+model config, layout, file sizes and CRC32s), written last; folder.py makes the save atomic. Offline
+conversion and inspection: convert.py; export to safetensors and HF transformers: megamoe/export.py.
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ import os
 
 import torch
 
-from megamoe.checkpoint.boxes import (MODEL, OPTIM, Boxes, barrier, canonical_name, gather_all, model_entries,
-                                      optimizer_entries, param_boxes, param_names, rank_and_world, read_entries, read_metadata,
-                                      state_boxes, write_entries)
+from megamoe.checkpoint.boxes import (MODEL, OPTIM, Boxes, canonical_name, gather_all, model_entries,
+                                      optimizer_entries, param_boxes, param_names, rank_and_world, read_entries,
+                                      read_metadata, state_boxes, write_entries)
 from megamoe.checkpoint.errors import CheckpointError
-from megamoe.checkpoint.folder import (FORMAT_VERSION, LATEST, MARKER, check_files, complete_checkpoints, finalize,
-                                       load_config, new_tmp, raise_if, read_marker, resolve, step_name)
+from megamoe.checkpoint.folder import (FORMAT_VERSION, LATEST, MARKER, barrier, check_files, check_storage,
+                                       complete_checkpoints, finalize, load_config, new_tmp, raise_if, read_marker,
+                                       resolve, step_name)
 from megamoe.config import Config
 from megamoe.parallel.random import get_rng_state, set_rng_state
 
@@ -111,11 +114,7 @@ def _check_targets(entries: dict, metadata, path: str) -> list:
 def _optimizer_targets(model, optimizer, cfg: Config, topo, metadata, path: str) -> tuple:
     """Fresh state tensors for the parameters this rank's optimizer steps, as Boxes to read into."""
     names = param_names(model, optimizer, cfg)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if any(optimizer.state.get(p) for p in params):  # ZeRO-1: the parameters whose state is here
-        params = [p for p in params if optimizer.state.get(p)]
-    elif hasattr(optimizer, "owns"):  # a fresh ZeRO-1 optimizer says which parameters it steps
-        params = [p for p in params if optimizer.owns(p)]
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # ZeRO-1: the ones this rank owns
     saved: dict = {}
     for key, md in metadata.state_dict_metadata.items():
         if key.startswith(OPTIM):
@@ -161,6 +160,7 @@ def load(path: str, model, optimizer, cfg: Config, topo, verify: bool = True):
     problems, entries, states = check_files(path, marker.get("files", {}), topo, checksums=verify), {}, {}
     try:
         metadata = read_metadata(path)
+        problems += check_storage(path, metadata)
         entries = model_entries(model, cfg, topo)
         problems += _check_targets(entries, metadata, path)
         if optimizer is not None:

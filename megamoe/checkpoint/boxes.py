@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
@@ -87,6 +88,7 @@ def model_entries(model, cfg: Config, topo) -> dict:
 
 
 def state_boxes(value: torch.Tensor, p: torch.Tensor, topo, key: str) -> Boxes:
+    """Boxes of an optimizer state tensor of parameter `p`: as `p` when shaped like it, whole when a scalar."""
     if not isinstance(value, torch.Tensor):
         raise CheckpointError(f"optimizer state {key} is a {type(value).__name__}, not a tensor; only tensor "
                               "state (AdamW's exp_avg, exp_avg_sq, step) can be checkpointed")
@@ -99,6 +101,7 @@ def state_boxes(value: torch.Tensor, p: torch.Tensor, topo, key: str) -> Boxes:
 
 
 def param_names(model, optimizer, cfg: Config) -> dict:
+    """{id(parameter): global name} of the model, checking that the optimizer steps only model parameters."""
     names = {id(p): canonical_name(n, cfg) for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -177,12 +180,13 @@ def rank_and_world(topo) -> tuple:
     return dist.get_rank(), dist.get_world_size()
 
 
-def barrier(topo):
+def barrier(topo) -> None:
     if rank_and_world(topo)[1] > 1:
         dist.barrier()
 
 
 def gather_all(obj, topo) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
     if rank_and_world(topo)[1] == 1:
         return [obj]
     every = [None] * dist.get_world_size()
@@ -203,8 +207,10 @@ def read_entries(path: str, entries: dict, topo=None) -> None:
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         try:
             dcp.load(entries, checkpoint_id=path, planner=_BoxLoadPlanner(), no_dist=rank_and_world(topo)[1] == 1)
-        except Exception as e:  # DCP's errors name keys and ranks, not the folder
-            raise CheckpointError(f"reading {path} failed: {e}") from e
+        except (Exception, CheckpointException) as e:  # DCP's errors name ranks and keys, not the folder
+            failures = getattr(e, "failures", {})
+            what = "; ".join(f"rank {r}: {type(f).__name__} {f}" for r, f in failures.items()) or repr(e)
+            raise CheckpointError(f"reading {path} failed: {what}") from e
 
 
 def read_metadata(path: str):

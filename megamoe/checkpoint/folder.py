@@ -37,26 +37,44 @@ def complete_checkpoints(root: str) -> list:
     return sorted(names, key=lambda d: int(d[5:]) if d[5:].isdigit() else -1)
 
 
+def _unneeded_old_copy(path: str) -> bool:
+    """An .old_<name> folder that is not the copy `latest` still needs (see finalize)."""
+    root, base = os.path.split(os.path.normpath(path))
+    if not base.startswith(OLD_PREFIX):
+        return False
+    name = base[len(OLD_PREFIX):]
+    return _latest_name(root) != name or os.path.isdir(os.path.join(root, name))
+
+
+def _latest_name(root: str):
+    latest = os.path.join(root, LATEST)
+    if not os.path.isfile(latest):
+        return None
+    with open(latest) as f:
+        return f.read().strip()
+
+
 def resolve(path: str) -> str:
     """A complete checkpoint folder from `path`: the folder itself, or the one its `latest` marker names."""
     if not os.path.exists(path):
         raise CheckpointError(f"--load: {path} does not exist")
-    latest = os.path.join(path, LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            name = f.read().strip()
-        if not os.path.isdir(os.path.join(path, name)):
+    if os.path.basename(os.path.normpath(path)).startswith(TMP_PREFIX) or _unneeded_old_copy(path):
+        raise CheckpointError(f"--load: {path} is the temporary folder of a save that did not finish; "
+                              f"load {os.path.dirname(os.path.normpath(path))} (its {LATEST} checkpoint) instead")
+    latest, name = os.path.join(path, LATEST), _latest_name(path)
+    if name is not None:
+        target, old = os.path.join(path, name), os.path.join(path, OLD_PREFIX + name)
+        if not os.path.isdir(target) and os.path.isfile(os.path.join(old, MARKER)):
+            target = old  # killed while saving the same step again, between finalize's two renames
+        if not os.path.isdir(target):
             raise CheckpointError(f"--load: {latest} names {name!r}, which does not exist in {path} "
                                   f"(complete checkpoints there: {complete_checkpoints(path) or 'none'})")
-        path = os.path.join(path, name)
+        path = target
     elif not os.path.isfile(os.path.join(path, MARKER)) and os.path.isdir(path):
         done = complete_checkpoints(path)
         if done:
             raise CheckpointError(f"--load: {path} has no {LATEST} marker; load one of its complete checkpoints "
                                   f"explicitly: {', '.join(os.path.join(path, d) for d in done)}")
-    if os.path.basename(os.path.normpath(path)).startswith((TMP_PREFIX, OLD_PREFIX)):
-        raise CheckpointError(f"--load: {path} is the temporary folder of a save that did not finish; "
-                              f"load {os.path.dirname(os.path.normpath(path))} (its {LATEST} checkpoint) instead")
     if not os.path.isfile(os.path.join(path, MARKER)):
         raise CheckpointError(f"--load: {os.path.join(path, MARKER)} is missing: {path} is not a complete megamoe "
                               "checkpoint (a save that did not finish, or not a checkpoint folder)")
@@ -190,7 +208,8 @@ def new_tmp(root: str, name: str, topo) -> str:
     if rank_and_world(topo)[0] == 0:
         os.makedirs(root, exist_ok=True)
         for d in os.listdir(root):
-            if d.startswith((TMP_PREFIX, OLD_PREFIX)) and os.path.isdir(os.path.join(root, d)):
+            stale = d.startswith(TMP_PREFIX) or _unneeded_old_copy(os.path.join(root, d))
+            if stale and os.path.isdir(os.path.join(root, d)):
                 shutil.rmtree(os.path.join(root, d), ignore_errors=True)
         os.makedirs(tmp)
     barrier(topo)

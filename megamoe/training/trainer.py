@@ -180,6 +180,12 @@ def train(cfg: Config) -> dict:
         for prefix in cfg.data.prefixes():
             check_indexed_dataset(prefix)
             check_tokenizer_matches(prefix, tokenizer)
+    if cfg.checkpoint.load and cfg.model.vocab_size is None:
+        # The padded vocabulary depends on TP: a run resumed in another layout keeps the checkpoint's.
+        cfg.model.vocab_size = checkpoint.load_config(cfg.checkpoint.load).model.vocab_size
+        if cfg.model.vocab_size % topo.tp:
+            raise ConfigError(f"--load: the checkpoint's vocab_size {cfg.model.vocab_size} does not divide by "
+                              f"--tensor-model-parallel-size {topo.tp}; pass --model.vocab_size N")
     cfg.model.vocab_size = resolve_vocab_size(cfg, tokenizer.vocab_size if tokenizer else None, topo.tp)
     paths = fast_paths(cfg, topo.device)
     model = build_parallel_model(cfg, topo, paths)
