@@ -183,6 +183,9 @@ class ParallelConfig:
         if len(model.pattern.replace("|", "")) < pp * (self.virtual_pipeline_model_parallel_size or 1):
             raise ConfigError(f"model.pattern has {len(model.pattern)} layers, fewer than the "
                               f"{pp * (self.virtual_pipeline_model_parallel_size or 1)} pipeline stages")
+        if self.sequence_parallel:
+            raise ConfigError("--sequence-parallel is not supported yet: megamoe keeps activations replicated "
+                              "across TP ranks; drop the flag")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"parallel.backend={self.backend!r}: use auto, nccl or gloo")
         if self.pipeline_schedule not in ("1f1b", "interleaved_1f1b", "zero_bubble"):
@@ -284,6 +287,13 @@ class TrainingConfig:
                 f"--global-batch-size={self.global_batch_size} is not divisible by --micro-batch-size "
                 f"({self.micro_batch_size}) x data-parallel size ({dp}) = {self.micro_batch_size * dp}; "
                 f"use a multiple of {self.micro_batch_size * dp}")
+        pp, vpp = parallel.pipeline_model_parallel_size, parallel.virtual_pipeline_model_parallel_size or 1
+        micro = self.global_batch_size // (self.micro_batch_size * dp)
+        if pp > 1 and vpp == 1 and parallel.pipeline_schedule == "1f1b" and micro < pp:
+            raise ConfigError(
+                f"1F1B needs at least as many micro-batches per step as pipeline stages: --global-batch-size "
+                f"{self.global_batch_size} / (--micro-batch-size {self.micro_batch_size} x DP {dp}) = {micro} < "
+                f"--pipeline-model-parallel-size {pp}; raise the global batch or lower the micro batch")
         if self.fp8 not in (None, "hybrid", "e4m3"):
             raise ConfigError(f"training.fp8={self.fp8!r}: use hybrid or e4m3, or leave it unset")
         if self.fp8_recipe not in ("delayed", "current"):

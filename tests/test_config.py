@@ -66,6 +66,13 @@ def test_unknown_yaml_section_and_key(tmp_path):
      "does not divide model.vocab_size=1001"),
     ({"model": {"pattern": "ME"}, "parallel": {"pipeline_model_parallel_size": 4}}, 4, "fewer than the 4 pipeline"),
     ({"optimizer": {"lr": 0}}, 1, "--lr=0.0 must be > 0"),
+    ({"parallel": {"pipeline_model_parallel_size": 2}, "training": {"global_batch_size": 4, "micro_batch_size": 4}},
+     2, r"1F1B needs at least as many micro-batches .* = 1 < --pipeline-model-parallel-size 2"),
+    ({"parallel": {"expert_tensor_parallel_size": 2}}, 2, "--expert-tensor-parallel-size=2 differs"),
+    ({"model": {"mamba_moe_projections": ["conv"]}, "parallel": {"tensor_model_parallel_size": 2}}, 2,
+     "mamba_moe_projections .* needs --tensor-model-parallel-size 1"),
+    ({"parallel": {"sequence_parallel": True}}, 1, "--sequence-parallel is not supported yet"),
+    ({"training": {"fp8": "hybrid"}, "model": {"d_model": 200}}, 1, r"d_model = 200 is not a multiple of 16"),
 ])
 def test_validation_names_key_and_fix(overrides, world, message):
     cfg = _valid(**overrides)
