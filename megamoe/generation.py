@@ -1,0 +1,342 @@
+"""Recurrent text generation with a single-process MambaLM (TP = PP = 1), constant memory per Mamba sequence.
+
+    cache  = allocate_cache(model, batch)
+    logits = forward_cached(model, tokens, cache)     first call: the prompt at once; later: token by token
+    ids    = generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eod, seed)
+    model, cfg = load_for_inference(checkpoint)       any saved layout, into one CPU (or GPU) process
+    tokenizer  = checkpoint_tokenizer(cfg)            the checkpoint's tokenizer, or the one given
+
+What each block keeps between tokens:
+    M   MambaMixer.prefill leaves the prompt's last (conv_state, ssm_state); MambaMixer.step advances them one
+        token: d_inner x (d_conv + d_state) numbers per layer and sequence, whatever the length.
+    E F per-token layers, run on the (batch, 1, d_model) slice of the token being decoded; nothing kept.
+    A   a KV cache: keys (RoPE applied at their absolute positions) and values of every past token; each step
+        is one query over them. It grows with the length, as any Transformer's does.
+    ME  Parallel MoE-Mamba: the Mamba state, with the MoE on the same normed input, summed as Block.forward does.
+
+MoE capacity: generation runs every Switch MoE without a capacity limit (capacity_factor 0), in the prompt and in
+the steps. Capacity is counted per call over all tokens of the call, so a limit would make a sequence's tokens
+depend on the other sequences of the batch and on how its prompt was split into calls. A full-sequence forward
+with capacity_factor > 0 may drop tokens, so decoding equals it only when the model has capacity_factor 0.
+
+Batched prompts must all have the same length (no padding, one position counter); run ragged prompts one by one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megamoe.model.attention import Attention, apply_rope, rope_tables
+from megamoe.model.lm import MambaLM, block_kinds
+from megamoe.model.moe import LocalDispatcher
+
+
+class InferenceError(RuntimeError):
+    """A model or request that generation cannot run here; the message says why and what to do."""
+
+
+class KVCache:
+    """Keys (RoPE applied) and values of the tokens seen so far, (batch, heads, capacity, head_dim) each;
+    the capacity doubles when a token does not fit (allocate_cache sizes it for the whole generation)."""
+
+    def __init__(self, capacity: int = 0):
+        self.capacity, self.length = capacity, 0
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """Add (batch, heads, n, head_dim) keys and values; return all of them so far."""
+        n = k.shape[2]
+        if self.k is None or self.length + n > self.k.shape[2]:
+            size = max(self.capacity, 2 * (self.length + n), 16)
+            grown = [t.new_zeros(*t.shape[:2], size, t.shape[3]) for t in (k, v)]
+            if self.k is not None:
+                grown[0][:, :, :self.length] = self.k[:, :, :self.length]
+                grown[1][:, :, :self.length] = self.v[:, :, :self.length]
+            self.k, self.v = grown
+        self.k[:, :, self.length:self.length + n] = k
+        self.v[:, :, self.length:self.length + n] = v
+        self.length += n
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
+
+
+@dataclass
+class InferenceCache:
+    """Per block (by its name in model.layers): a Mamba (conv_state, ssm_state) or a KVCache."""
+
+    batch: int
+    states: dict = field(default_factory=dict)
+    length: int = 0  # tokens consumed per sequence: the position of the next one
+
+    def nbytes(self) -> int:
+        total = 0
+        for state in self.states.values():
+            total += state.nbytes() if isinstance(state, KVCache) else sum(t.numel() * t.element_size() for t in state)
+        return total
+
+
+def check_model(model) -> None:
+    """InferenceError unless `model` is a whole single-process MambaLM (no pipeline stage, TP or EP shards)."""
+    if not isinstance(model, MambaLM):
+        raise InferenceError(f"generation runs a megamoe MambaLM, not a {type(model).__name__}")
+    kinds = block_kinds(model.cfg)
+    if not (model.pre_process and model.post_process) or len(model.layers) != len(kinds):
+        raise InferenceError("the model is one pipeline stage; generation needs the whole model in one process "
+                             "(load the checkpoint with load_for_inference, which builds it with PP 1)")
+    expert_parallel = any(not isinstance(m.dispatcher, LocalDispatcher) for m in model.moe_layers())
+    tensor_parallel = any(b.mixer.conv1d.weight.shape[0] != b.mixer.d_inner
+                          for b in model.layers.values() if hasattr(b, "mixer"))
+    head = getattr(model.lm_head, "weight", None)
+    if expert_parallel or tensor_parallel or head is None or head.shape[0] != model.cfg.vocab_size:
+        raise InferenceError("the model is sharded by tensor or expert parallelism; generation runs an unsharded "
+                             "model in one process (load the checkpoint with load_for_inference)")
+
+
+@contextlib.contextmanager
+def moe_capacity(model, capacity_factor: Optional[float]):
+    """Run every Switch MoE of `model` (E blocks and MoE projections) with this capacity_factor (0: no limit);
+    None leaves them as configured. Restored on exit."""
+    moes = model.moe_layers() if capacity_factor is not None else []
+    saved = [m.capacity_factor for m in moes]
+    for m in moes:
+        m.capacity_factor = capacity_factor
+    try:
+        yield
+    finally:
+        for m, c in zip(moes, saved):
+            m.capacity_factor = c
+
+
+def allocate_cache(model, batch: int, max_length: Optional[int] = None) -> InferenceCache:
+    """Empty states for `batch` sequences; `max_length` (prompt + new tokens) pre-sizes the KV caches."""
+    check_model(model)
+    cache = InferenceCache(batch)
+    for name, block in model.layers.items():
+        if hasattr(block, "mixer"):
+            cache.states[name] = block.mixer.allocate_inference_cache(batch)
+        elif hasattr(block, "attention"):
+            cache.states[name] = KVCache(max_length or 0)
+    return cache
+
+
+def attention_forward(attn: Attention, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
+    """Attention of x (batch, n, d_model) at positions start .. start + n - 1 over the cached tokens and itself.
+    n > 1 only for the prompt (start 0, causal); after it one token at a time, attending to everything cached."""
+    batch, n, _ = x.shape
+    q, k, v = attn.qkv(x).chunk(3, dim=-1)
+    q, k, v = (t.reshape(batch, n, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+    # The full forward's tables sliced at these positions: the same angles to the bit.
+    cos, sin = rope_tables(start + n, attn.head_dim, attn.rope_base, x.device)
+    q, k = apply_rope(q, cos[start:], sin[start:]), apply_rope(k, cos[start:], sin[start:])
+    k, v = kv.append(k, v)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and n > 1)
+    return attn.out_proj(y.transpose(1, 2).reshape(batch, n, -1))
+
+
+def block_forward(block, h: torch.Tensor, state, start: int) -> torch.Tensor:
+    """Block.forward with its state: prefill at start 0, one step after; sublayers summed in Block's order."""
+    x = block.norm(h)
+    out = h
+    for name in ("mixer", "moe", "attention", "ffn"):
+        if not hasattr(block, name):
+            continue
+        sublayer = getattr(block, name)
+        if name == "mixer":
+            y = sublayer.prefill(x, state) if start == 0 else sublayer.step(x, state)
+        elif name == "attention":
+            y = attention_forward(sublayer, x, state, start)
+        else:
+            y = sublayer(x)  # per token: Switch MoE or dense FFN
+        out = out + y
+    return out
+
+
+@torch.no_grad()
+def forward_cached(model, tokens: torch.Tensor, cache: InferenceCache, last_only: bool = False) -> torch.Tensor:
+    """Logits (batch, n, vocab) of `tokens` (batch, n) following what `cache` has seen, which it then holds.
+    The first call takes the whole prompt at once (prefill); later calls feed their tokens one at a time.
+    last_only: logits of the last token alone (batch, 1, vocab)."""
+    if tokens.dim() != 2 or tokens.shape[0] != cache.batch or tokens.shape[1] == 0:
+        raise InferenceError(f"tokens of shape {tuple(tokens.shape)} for a cache of {cache.batch} sequences; "
+                             f"give (batch={cache.batch}, n >= 1) token ids")
+    if cache.length > 0 and tokens.shape[1] > 1:  # MambaMixer.prefill starts from empty states
+        logits = [forward_cached(model, tokens[:, i:i + 1], cache, last_only) for i in range(tokens.shape[1])]
+        return logits[-1] if last_only else torch.cat(logits, dim=1)
+    device = model.embedding.weight.device
+    with moe_capacity(model, 0.0):
+        h = model.embed(tokens.to(device))
+        for name, block in model.layers.items():
+            h = block_forward(block, h, cache.states.get(name), cache.length)
+    cache.length += tokens.shape[1]
+    return model.head(h[:, -1:] if last_only else h)
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+    """logits (batch, vocab) with -inf outside the top_k largest and outside the nucleus: the fewest most likely
+    tokens whose probabilities sum to at least top_p (the most likely one always stays)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next tokens (batch,) from logits (batch, vocab): argmax when temperature == 0, else sampled."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def _prompt_batch(prompt_ids, device) -> tuple:
+    """(tokens (batch, L), whether one prompt was given) from ids, a list of equal-length lists, or a tensor."""
+    if isinstance(prompt_ids, torch.Tensor):
+        single = prompt_ids.dim() == 1
+        tokens = prompt_ids.reshape(1, -1) if single else prompt_ids
+    else:
+        prompts = list(prompt_ids)
+        single = not prompts or not isinstance(prompts[0], (list, tuple, torch.Tensor))
+        prompts = [prompts] if single else [list(map(int, p)) for p in prompts]
+        lengths = sorted({len(p) for p in prompts})
+        if len(lengths) > 1:
+            raise InferenceError(f"batched prompts have different lengths {lengths}; give prompts of equal length "
+                                 "or generate them one at a time")
+        tokens = torch.tensor(prompts, dtype=torch.long)
+    if tokens.dim() != 2 or tokens.shape[1] == 0:
+        raise InferenceError("the prompt is empty; give at least one token (e.g. the tokenizer's eod to start a "
+                             "document)")
+    return tokens.long().to(device), single
+
+
+def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, eod: Optional[int] = None, seed: Optional[int] = None,
+             vocab_size: Optional[int] = None):
+    """Continue the prompt(s) by up to max_new_tokens tokens, recurrently (see the module docstring).
+
+    prompt_ids: one prompt (a list of ids or a 1-D tensor), or a batch of equal-length prompts (a list of lists
+    or a (batch, L) tensor). temperature 0 is greedy; top_k / top_p restrict sampling; seed makes it
+    reproducible (else torch's global generator is used). A sequence stops after emitting `eod`. vocab_size: only
+    ids below it are produced (the tokenizer's size; the model's vocabulary is padded beyond it).
+    Returns the new ids: a list for one prompt, a list of lists for a batch, each ending at its first eod."""
+    check_model(model)
+    for name, value, ok, want in (("max_new_tokens", max_new_tokens, max_new_tokens >= 0, ">= 0"),
+                                  ("temperature", temperature, temperature >= 0, ">= 0 (0: greedy)"),
+                                  ("top_k", top_k, top_k is None or top_k >= 1, ">= 1"),
+                                  ("top_p", top_p, top_p is None or 0 < top_p <= 1, "in (0, 1]")):
+        if not ok:
+            raise InferenceError(f"{name}={value} must be {want}")
+    device = model.embedding.weight.device
+    tokens, single = _prompt_batch(prompt_ids, device)
+    batch = tokens.shape[0]
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    cache = allocate_cache(model, batch, tokens.shape[1] + max_new_tokens)
+    new, done = [], torch.zeros(batch, dtype=torch.bool, device=device)
+    logits = forward_cached(model, tokens, cache, last_only=True)[:, -1] if max_new_tokens else None
+    for i in range(max_new_tokens):
+        if vocab_size is not None:
+            logits[:, vocab_size:] = float("-inf")
+        token = sample(logits, temperature, top_k, top_p, generator)
+        if eod is not None:
+            token = torch.where(done, torch.full_like(token, eod), token)
+            done |= token == eod
+        new.append(token)
+        if i + 1 == max_new_tokens or bool(done.all()):
+            break
+        logits = forward_cached(model, token[:, None], cache, last_only=True)[:, -1]
+    rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(batch)]
+    if eod is not None:
+        rows = [row[:row.index(eod) + 1] if eod in row else row for row in rows]
+    return rows[0] if single else rows
+
+
+def _available_bytes(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def checkpoint_config(path: str):
+    """The Config checkpoint `path` (or a --save folder's latest) was saved with; CheckpointError when unreadable."""
+    from megamoe import checkpoint
+    from megamoe.config import ConfigError
+
+    path = checkpoint.resolve(path)
+    try:
+        return checkpoint.load_config(path)
+    except (OSError, ConfigError) as e:
+        raise checkpoint.CheckpointError(f"--load: the config of {path} cannot be read ({e}); the checkpoint is "
+                                         "damaged or from another megamoe version") from None
+
+
+def checkpoint_tokenizer(cfg, tokenizer_model: Optional[str] = None, required: bool = True):
+    """The tokenizer `tokenizer_model` names, else the one the checkpoint's config names. DataError when it is
+    missing (None instead when not `required` and none was asked for) or larger than the model's vocabulary."""
+    from megamoe.data import DataError, load_tokenizer
+
+    named = tokenizer_model or cfg.data.tokenizer_model
+    if not tokenizer_model and not (named and os.path.isfile(named)):
+        if not required:
+            return None
+        if not named:
+            raise DataError("the checkpoint's config names no tokenizer (trained on mock data?); pass "
+                            "--tokenizer-model PATH")
+        raise DataError(f"the checkpoint's tokenizer {named} does not exist here; pass --tokenizer-model PATH")
+    tokenizer = load_tokenizer(named)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"the tokenizer {named} has {tokenizer.vocab_size} pieces, more than the model's vocabulary "
+                        f"of {cfg.model.vocab_size}: it is not the tokenizer the model was trained with")
+    return tokenizer
+
+
+def load_for_inference(path: str, device: Optional[str] = None):
+    """(model in eval mode on `device`, its Config) from checkpoint `path` (a checkpoint folder, or a --save
+    folder's latest), whatever TP/PP/EP/DP layout it was saved in. CheckpointError for a missing or damaged
+    checkpoint; InferenceError when the model cannot run here (no such device, not enough memory)."""
+    from megamoe import checkpoint
+    from megamoe.model import build_model, count_parameters
+    from megamoe.parallel.random import get_rng_state, set_rng_state
+
+    path = checkpoint.resolve(path)
+    cfg = checkpoint_config(path)
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InferenceError(f"--device {device} asked for, but this machine has no CUDA device; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InferenceError(f"--device {device}: use cpu or cuda")
+    need = count_parameters(cfg.model)["total"] * 4  # fp32 weights, as the checkpoint holds them
+    have = _available_bytes(device)
+    if have is not None and need > have:
+        raise InferenceError(f"{path}: the model's {need / 4e6:.0f}M parameters need {need / 2**30:.1f} GiB in "
+                             f"fp32, more than the {have / 2**30:.1f} GiB of {device.type} memory available here; "
+                             "run it on a machine with more memory")
+    model = build_model(cfg.model, seed=cfg.training.seed)  # every weight is then read from the checkpoint
+    rng = get_rng_state()
+    checkpoint.load(path, model, None, cfg, None)
+    set_rng_state(rng)  # load restores the training run's generators; sampling here should not repeat them
+    return model.to(device).eval(), cfg

@@ -1,0 +1,92 @@
+"""Continue a prompt with a trained checkpoint, recurrently (constant memory per sequence for Mamba/MoE models).
+
+    python tools/generate.py --load ckpt/run1 --prompt "import os" --max-new-tokens 64 --temperature 0.8 --top-p 0.95
+
+Runs in one process with no process group, on CPU by default; the checkpoint may have been saved in any
+TP/PP/EP/DP layout. The tokenizer is the one named in the checkpoint's config unless --tokenizer-model is
+given. The continuation is printed on stdout (status lines go to stderr); --num-samples N continues the prompt
+N times in one batch; --json prints one JSON object instead. An empty prompt starts a new document (EOD).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from megamoe.checkpoint import CheckpointError  # noqa: E402
+from megamoe.data import DataError  # noqa: E402
+from megamoe.generation import (InferenceError, checkpoint_config, checkpoint_tokenizer, generate,  # noqa: E402
+                                load_for_inference)
+
+USER_ERRORS = (CheckpointError, DataError, InferenceError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="a checkpoint folder, or a --save folder (its latest)")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="the prompt text")
+    prompt.add_argument("--prompt-file", help="a file whose whole text is the prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample in the nucleus of this probability")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="makes sampling reproducible (default: a fresh one, printed on stderr)")
+    parser.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, in one batch")
+    parser.add_argument("--no-stop-at-eod", action="store_true", help="keep going past the end-of-document token")
+    parser.add_argument("--tokenizer-model", help="sentencepiece .model (default: the checkpoint's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with the samples and timings")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.num_samples < 1:
+            raise InferenceError(f"--num-samples {args.num_samples} must be >= 1")
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        text = args.prompt
+        if args.prompt_file:
+            if not os.path.isfile(args.prompt_file):
+                raise DataError(f"--prompt-file {args.prompt_file} does not exist")
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        start = time.perf_counter()
+        tokenizer = checkpoint_tokenizer(checkpoint_config(args.load), args.tokenizer_model)  # before the model
+        model, _ = load_for_inference(args.load, args.device)
+        ids = tokenizer.encode(text) or [tokenizer.eod]
+        loaded = time.perf_counter()
+        seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+        print(f"loaded {args.load} in {loaded - start:.1f} s; prompt of {len(ids)} tokens; seed {seed}",
+              file=sys.stderr)
+        rows = generate(model, [ids] * args.num_samples, args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, eod=None if args.no_stop_at_eod else tokenizer.eod,
+                        seed=seed, vocab_size=tokenizer.vocab_size)
+    except USER_ERRORS as e:
+        print(f"generate: error: {e}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - loaded
+    texts = [tokenizer.decode([t for t in row if t != tokenizer.eod]) for row in rows]
+    new_tokens = sum(len(row) for row in rows)
+    rate = new_tokens / max(seconds, 1e-9)
+    if args.json:
+        print(json.dumps(dict(prompt=text, samples=texts, tokens=rows, seed=seed, new_tokens=new_tokens,
+                              seconds=seconds, tokens_per_s=rate)))
+        return 0
+    for i, continuation in enumerate(texts):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(continuation)
+    print(f"{new_tokens} tokens in {seconds:.2f} s ({rate:.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
