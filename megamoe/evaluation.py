@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -109,9 +108,7 @@ def part_sequences(prefix: str, part: str = "all", split: str = "949,50,1") -> r
         ok = False
     if not ok:
         raise DataError(f"split weights {split!r}: give three numbers >= 0 for train,valid,test, e.g. 949,50,1")
-    with warnings.catch_warnings():  # megatron-core warns on import that TE and apex are missing
-        warnings.simplefilter("ignore")
-        bounds = split_document_ranges(info["sequences"], split)[PARTS.index(part)]
+    bounds = split_document_ranges(info["sequences"], split)[PARTS.index(part)]
     if bounds is None or bounds[0] >= bounds[1]:
         raise DataError(f"{prefix}: the {part} part of --split {split} holds none of its {info['sequences']} "
                         "documents; evaluate another part, give the split other weights, or use --data-path alone "

@@ -62,8 +62,10 @@ def parse_data_path(data_path: Sequence[str]) -> tuple:
 
 def split_document_ranges(num_docs: int, split: str) -> list:
     """[beg, end) documents of train/valid/test for --split, with megatron-core's rounding."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+    with warnings.catch_warnings():  # megatron-core warns on import that TE and apex are missing
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.blended_megatron_dataset_config import (
+            convert_split_vector_to_split_matrix, parse_and_normalize_split)
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     return [None if m is None else (int(round(m[0] * num_docs)), int(round(m[1] * num_docs))) for m in matrix]
 
