@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # A chunk buffer holds T * batch * d_state * d_inner elements. 32 steps of (4, 16, 512) is 4 MiB: the buffers
 # stay in L3, and the per-chunk ops are large enough that their call overhead does not matter.
@@ -124,6 +125,7 @@ class _SelectiveScanCore(torch.autograd.Function):
         return y, last_state
 
     @staticmethod
+    @once_differentiable  # a hand-written backward: no double backward through it
     def backward(ctx, dy, dlast):
         delta_tm, u_tm, A, B, C, states = ctx.saved_tensors  # delta_tm, u_tm: (L, batch, d_inner)
         T = ctx.chunk
