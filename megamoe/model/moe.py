@@ -15,6 +15,7 @@ parallelism swaps in an all-to-all dispatcher from megamoe.parallel, the model c
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -45,19 +46,22 @@ class _AuxLossInjector(torch.autograd.Function):
 
 
 def attach_aux_loss(hidden: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-    """`hidden`, carrying `aux` into the backward with gradient `aux_loss_scale()`."""
+    """`hidden`, carrying `aux` into the backward with the gradient set by `aux_loss_scale` (1 outside it)."""
     if not (torch.is_grad_enabled() and aux.requires_grad):
         return hidden
     return _AuxLossInjector.apply(hidden, aux)
 
 
-def set_aux_loss_scale(scale: float) -> None:
-    """The gradient each attached aux loss receives; set it to what the LM loss is scaled by (1 / micro-batches)."""
+@contextlib.contextmanager
+def aux_loss_scale(scale: float):
+    """Within: every attached aux loss gets gradient `scale` in backward. Set it to what the LM loss is scaled
+    by (1 / micro-batches of a step); the backward must run inside. Restored on exit."""
+    previous = _AuxLossInjector.scale
     _AuxLossInjector.scale = float(scale)
-
-
-def aux_loss_scale() -> float:
-    return _AuxLossInjector.scale
+    try:
+        yield
+    finally:
+        _AuxLossInjector.scale = previous
 
 
 def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:

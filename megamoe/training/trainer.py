@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megamoe.config import Config, ConfigError
 from megamoe.logging import Progress, get_logger
-from megamoe.model.moe import set_aux_loss_scale
+from megamoe.model.moe import aux_loss_scale
 from megamoe.parallel import Topology, detect_launch_env, init_distributed, set_seed
 from megamoe.parallel.data_parallel import GradientReducer, clip_gradients
 from megamoe.parallel.distributed_optimizer import ParamOwners
@@ -118,9 +118,9 @@ def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: floa
     for group in optimizer.param_groups:
         group["lr"] = lr
     runner.model.zero_grad(set_to_none=True)
-    set_aux_loss_scale(1.0 / len(batches))  # the MoE losses are scaled as the LM loss is
     runner.reducer.start(len(batches))
-    with _autocast(cfg, topo.device), fp8_context(cfg):
+    # The MoE losses are scaled as the LM loss is: 1 / micro-batches.
+    with _autocast(cfg, topo.device), fp8_context(cfg), aux_loss_scale(1.0 / len(batches)):
         sums, tokens_per_expert = runner.forward_backward(batches)
     runner.reducer.finish()
     runner.sync_shared_grads()

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from megamoe.model.moe import SwitchMoE, capacity, load_balancing_loss, set_aux_loss_scale
+from megamoe.model.moe import SwitchMoE, aux_loss_scale, capacity, load_balancing_loss
 
 # 8 tokens that are one-hot in 4 dims; the router is 10 x identity, so token t goes to expert ROUTE[t].
 ROUTE = [0, 0, 0, 1, 1, 2, 3, 3]
@@ -65,8 +65,7 @@ def test_load_balancing_loss_is_one_when_uniform():
 
 def test_aux_and_z_loss_gradients_reach_the_router():
     moe, x = _moe(capacity_factor=0, lb=0.5, z=0.1)
-    set_aux_loss_scale(1.0)
-    moe(x).sum().backward()
+    moe(x).sum().backward()  # outside aux_loss_scale, the aux losses get gradient 1
     with_aux = moe.router.weight.grad.clone()
 
     moe.router.weight.grad = None
@@ -86,7 +85,6 @@ def test_aux_and_z_loss_gradients_reach_the_router():
 
 def test_aux_loss_scale_follows_micro_batches():
     moe, x = _moe(capacity_factor=0, lb=1.0)
-    set_aux_loss_scale(1.0)
     moe(x).sum().backward()
     g1 = moe.router.weight.grad.clone()
     moe.router.weight.grad = None
@@ -95,11 +93,8 @@ def test_aux_loss_scale_follows_micro_batches():
     g0 = moe.router.weight.grad.clone()
     moe.router.weight.grad = None
     moe.load_balancing_weight = 1.0
-    set_aux_loss_scale(0.25)
-    try:
+    with aux_loss_scale(0.25):
         moe(x).sum().backward()
-    finally:
-        set_aux_loss_scale(1.0)
     torch.testing.assert_close(moe.router.weight.grad, g0 + 0.25 * (g1 - g0))
 
 
