@@ -15,7 +15,6 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megamoe.parallel.comm import count_all_reduce
@@ -122,27 +121,3 @@ def reduce_from_tp(x: torch.Tensor, group=None) -> torch.Tensor:
     out = tensor_parallel.reduce_from_tensor_model_parallel_region(x, group=group)
     count_all_reduce(out, group, "tp_all_reduce")
     return out
-
-
-class _GatherLastDim(torch.autograd.Function):
-    # megatron-core's gather_from_tensor_model_parallel_region allocates on torch.cuda.current_device(),
-    # so this device-agnostic one is ours: all-gather forward, keep this rank's slice backward.
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        world = dist.get_world_size(group)
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
-        return grad.chunk(world, dim=-1)[rank].contiguous(), None
-
-
-def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    """All-gather of the last dimension over `group` forward, this rank's slice backward."""
-    if dist.get_world_size(group) == 1:
-        return x
-    return _GatherLastDim.apply(x, group)

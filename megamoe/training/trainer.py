@@ -35,7 +35,6 @@ class TrainState:
 
     step: int = 0
     consumed_train_samples: int = 0
-    consumed_valid_samples: int = 0
     history: list = field(default_factory=list)  # (step, valid_loss) of past evaluations, for the plot
 
 
