@@ -183,9 +183,6 @@ class ParallelConfig:
         if len(model.pattern.replace("|", "")) < pp * (self.virtual_pipeline_model_parallel_size or 1):
             raise ConfigError(f"model.pattern has {len(model.pattern)} layers, fewer than the "
                               f"{pp * (self.virtual_pipeline_model_parallel_size or 1)} pipeline stages")
-        if self.sequence_parallel:
-            raise ConfigError("--sequence-parallel is not supported yet: megamoe keeps activations replicated "
-                              "across TP ranks; drop the flag")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"parallel.backend={self.backend!r}: use auto, nccl or gloo")
         if self.pipeline_schedule not in ("1f1b", "interleaved_1f1b", "zero_bubble"):
@@ -337,6 +334,10 @@ class Config:
         self.parallel.validate(world_size, self.model)
         self.optimizer.validate()
         self.training.validate(world_size, self.parallel)
+        tp = self.parallel.tensor_model_parallel_size
+        if self.parallel.sequence_parallel and self.data.seq_length % tp:
+            raise ConfigError(f"--sequence-parallel splits the sequence over TP: --seq-length {self.data.seq_length} "
+                              f"is not divisible by --tensor-model-parallel-size {tp}")
         if self.training.fp8:
             self._validate_fp8_shapes()
         if check_files:

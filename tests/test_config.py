@@ -71,7 +71,8 @@ def test_unknown_yaml_section_and_key(tmp_path):
     ({"parallel": {"expert_tensor_parallel_size": 2}}, 2, "--expert-tensor-parallel-size=2 differs"),
     ({"model": {"mamba_moe_projections": ["conv"]}, "parallel": {"tensor_model_parallel_size": 2}}, 2,
      "mamba_moe_projections .* needs --tensor-model-parallel-size 1"),
-    ({"parallel": {"sequence_parallel": True}}, 1, "--sequence-parallel is not supported yet"),
+    ({"parallel": {"sequence_parallel": True, "tensor_model_parallel_size": 2}, "data": {"seq_length": 33}}, 2,
+     "--seq-length 33 is not divisible by --tensor-model-parallel-size 2"),
     ({"training": {"fp8": "hybrid"}, "model": {"d_model": 200}}, 1, r"d_model = 200 is not a multiple of 16"),
 ])
 def test_validation_names_key_and_fix(overrides, world, message):

@@ -45,6 +45,7 @@ class GradientReducer:
     def __init__(self, params, topo, bucket_bytes: int = BUCKET_BYTES):
         self.topo = topo
         params = [p for p in params if p.requires_grad]
+        self.sequence_parallel = [p for p in params if getattr(p, "sequence_parallel", False)]
         self.buckets = []
         for expert, group, size in ((False, topo.dp_group, topo.dp), (True, topo.edp_group, topo.edp)):
             members = [p for p in reversed(params) if is_expert(p) == expert]
@@ -78,6 +79,16 @@ class GradientReducer:
             while self.launched < len(self.buckets) and self._complete(self.buckets[self.launched]):
                 self._launch(self.buckets[self.launched])
 
+    def _sum_sequence_parallel_grads(self) -> None:
+        grads = [p.grad for p in self.sequence_parallel if p.grad is not None]
+        if self.topo.tp == 1 or not grads:
+            return
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.topo.tp_group)
+        count_all_reduce(flat, self.topo.tp_group, "tp_all_reduce")
+        for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(reduced)
+
     @staticmethod
     def _complete(b: _Bucket) -> bool:
         return b.ready == len(b.params)
@@ -94,17 +105,20 @@ class GradientReducer:
         self.launched += 1
 
     def finish(self) -> None:
-        """Reduce what the hooks did not start, wait for everything, write the averaged gradients back."""
-        if self.topo.dp == 1:
-            return
-        while self.launched < len(self.buckets):
-            self._launch(self.buckets[self.launched])
-        for b in self.buckets:
-            if b.work is not None:
-                b.work.wait()
-            for p, reduced in zip(b.params, _unflatten_dense_tensors(b.flat, [p.grad for p in b.params])):
-                p.grad.copy_(reduced)
-            b.flat = b.work = None
+        """Reduce what the hooks did not start, wait for everything, write the averaged gradients back; then
+        sum over TP the gradients of parameters that saw only this rank's part of the sequence (norms under
+        sequence parallelism). That sum comes after the write-back, which copies the buckets' values over the
+        gradients; both are sums, so their order does not change the result."""
+        if self.topo.dp > 1:
+            while self.launched < len(self.buckets):
+                self._launch(self.buckets[self.launched])
+            for b in self.buckets:
+                if b.work is not None:
+                    b.work.wait()
+                for p, reduced in zip(b.params, _unflatten_dense_tensors(b.flat, [p.grad for p in b.params])):
+                    p.grad.copy_(reduced)
+                b.flat = b.work = None
+        self._sum_sequence_parallel_grads()
 
 
 def _sum_squares(grads: list) -> torch.Tensor:

@@ -9,6 +9,12 @@ soon as it is built, so every layout computes the same function:
 - Switch MoE: router replicated; experts split over EP (all-to-all dispatch) and their width over ETP.
 - Vocab-parallel embedding, LM head (tied to the embedding shard or its own) and cross entropy.
 Linears are megatron-core's tensor-parallel layers, or Transformer Engine's when it is in use (te.py).
+
+Sequence parallelism (`--sequence-parallel`): between the sublayers (norms, residual adds) each TP rank holds
+1/TP of the sequence. A sublayer all-gathers its normed input along the sequence and reduce-scatters its
+row-parallel output (instead of all-reducing it); a Switch MoE gathers, runs as without sequence parallelism
+(its capacity counts the whole micro-batch) and keeps this rank's slice. Norm weights then see only part of
+the sequence, so their gradients are summed over TP (GradientReducer).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from megamoe.parallel.expert_parallel import parallelize_moe
 from megamoe.parallel.sharding import ShardSpec, set_shard_spec, take_shard
 from megamoe.parallel.te import FastPaths, fast_paths, fused_norm, te_linear
 from megamoe.parallel.tensor_parallel import (ColumnParallel, RowParallel, VocabParallelEmbedding, copy_to_tp,
+                                              gather_sequence, reduce_scatter_sequence, scatter_sequence,
                                               vocab_parallel_cross_entropy)
 
 
@@ -31,25 +38,46 @@ def _shard_param(param: nn.Parameter, dim: int, topo) -> nn.Parameter:
     return set_shard_spec(nn.Parameter(take_shard(param.detach(), spec, topo.tp_rank, topo.tp).clone()), spec)
 
 
-def _parallel_linear(linear: nn.Linear, topo, paths: FastPaths, mode: str, partitions: Optional[list] = None):
+def _parallel_linear(linear: nn.Linear, topo, paths: FastPaths, mode: str, partitions: Optional[list] = None,
+                     sequence_parallel: bool = False):
     """This rank's `mode` ("column" / "row") shard of `linear`: TE's layer, megatron-core's, or `linear` itself."""
     if paths.te is not None:
         return te_linear(linear, topo, paths.te, mode, tuple(partitions or ()))
     if topo.tp == 1:
         return linear
-    return (ColumnParallel if mode == "column" else RowParallel)(linear, topo, partitions)
+    return (ColumnParallel if mode == "column" else RowParallel)(linear, topo, partitions, sequence_parallel)
 
 
-def parallelize_mamba(mixer: MambaMixer, topo, paths: FastPaths) -> None:
+def _sequence_parallel_sublayer(module: nn.Module, topo, replicated: bool, bias=None) -> None:
+    """Hooks that make `module` take and give (batch, L / TP, d): gather the sequence in; out, reduce-scatter
+    its partial sums (+ the row-parallel bias), or keep this rank's slice of a replicated output (MoE)."""
+    group = topo.tp_group
+    module.register_forward_pre_hook(
+        lambda m, args: (gather_sequence(args[0], group, grad_is_partial=not replicated),) + tuple(args[1:]))
+    if replicated:
+        module.register_forward_hook(lambda m, args, out: scatter_sequence(out, group))
+    else:
+        module.register_forward_hook(
+            lambda m, args, out: reduce_scatter_sequence(out, group) + (0 if bias is None else bias))
+
+
+def _mark_sequence_parallel(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.sequence_parallel = True
+
+
+def parallelize_mamba(mixer: MambaMixer, topo, paths: FastPaths, sp: bool = False) -> None:
     if topo.tp > 1:
         assert not mixer.moe_projections, "config validation rejects MoE projections with TP > 1"
     d_inner = mixer.d_inner
     if hasattr(mixer, "in_proj"):
-        mixer.in_proj = _parallel_linear(mixer.in_proj, topo, paths, "column", [d_inner, d_inner])
+        mixer.in_proj = _parallel_linear(mixer.in_proj, topo, paths, "column", [d_inner, d_inner], sp)
     if isinstance(mixer.out_proj, nn.Linear):
-        mixer.out_proj = _parallel_linear(mixer.out_proj, topo, paths, "row")
+        mixer.out_proj = _parallel_linear(mixer.out_proj, topo, paths, "row", sequence_parallel=sp)
     if topo.tp == 1:
         return
+    if sp:
+        _sequence_parallel_sublayer(mixer, topo, replicated=False, bias=mixer.out_proj.bias)
     conv = mixer.conv1d
     local = d_inner // topo.tp
     mixer.conv1d = nn.Conv1d(local, local, conv.kernel_size[0], groups=local, padding=conv.padding[0],
@@ -69,47 +97,59 @@ def parallelize_mamba(mixer: MambaMixer, topo, paths: FastPaths) -> None:
     mixer.D = _shard_param(mixer.D, 0, topo)
 
 
-def parallelize_block(block: Block, topo, paths: FastPaths) -> Block:
-    """Shard one block in place for `topo`; returns it."""
+def parallelize_block(block: Block, topo, paths: FastPaths, sp: bool = False) -> Block:
+    """Shard one block in place for `topo` (sequence-parallel when `sp` and TP > 1); returns it."""
+    sp = sp and topo.tp > 1
     if hasattr(block, "mixer"):
-        parallelize_mamba(block.mixer, topo, paths)
+        parallelize_mamba(block.mixer, topo, paths, sp)
         for name in ("conv_proj", "gate_proj", "out_proj"):
             moe = getattr(block.mixer, name, None)
             if moe is not None and hasattr(moe, "router"):
                 parallelize_moe(moe, topo)
     if hasattr(block, "moe"):
         parallelize_moe(block.moe, topo)
+        if sp:
+            _sequence_parallel_sublayer(block.moe, topo, replicated=True)
     if hasattr(block, "attention"):
         d = block.attention.out_proj.weight.shape[0]
-        block.attention.qkv = _parallel_linear(block.attention.qkv, topo, paths, "column", [d, d, d])
-        block.attention.out_proj = _parallel_linear(block.attention.out_proj, topo, paths, "row")
+        block.attention.qkv = _parallel_linear(block.attention.qkv, topo, paths, "column", [d, d, d], sp)
+        block.attention.out_proj = _parallel_linear(block.attention.out_proj, topo, paths, "row",
+                                                    sequence_parallel=sp)
+        if sp:
+            _sequence_parallel_sublayer(block.attention, topo, replicated=False)
     if hasattr(block, "ffn"):
         width = block.ffn.fc2.weight.shape[1]
         swiglu = block.ffn.activation == "swiglu"
-        block.ffn.fc1 = _parallel_linear(block.ffn.fc1, topo, paths, "column", [width, width] if swiglu else None)
-        block.ffn.fc2 = _parallel_linear(block.ffn.fc2, topo, paths, "row")
+        block.ffn.fc1 = _parallel_linear(block.ffn.fc1, topo, paths, "column", [width, width] if swiglu else None,
+                                         sp)
+        block.ffn.fc2 = _parallel_linear(block.ffn.fc2, topo, paths, "row", sequence_parallel=sp)
+        if sp:
+            _sequence_parallel_sublayer(block.ffn, topo, replicated=False)
     if paths.apex_norms is not None:
         block.norm = fused_norm(block.norm, paths.apex_norms)
+    if sp:
+        _mark_sequence_parallel(block.norm)
     return block
 
 
 class _TiedVocabParallelHead(nn.Module):
     """LM head that reuses the vocab-parallel embedding's shard: logits of this rank's vocabulary rows."""
 
-    def __init__(self, embedding: VocabParallelEmbedding, topo):
+    def __init__(self, embedding: VocabParallelEmbedding, topo, sequence_parallel: bool = False):
         super().__init__()
         self.embedding = [embedding]  # a list, so the shared weight is not registered twice
         self.tp_group = topo.tp_group
+        self.sequence_parallel = sequence_parallel  # then the input arrives gathered, its gradient summed
 
     @property
     def weight(self):
         return self.embedding[0].weight
 
     def forward(self, h):
-        return F.linear(copy_to_tp(h, self.tp_group), self.weight)
+        return F.linear(h if self.sequence_parallel else copy_to_tp(h, self.tp_group), self.weight)
 
 
-def parallelize_embeddings(model: MambaLM, topo, paths: FastPaths) -> None:
+def parallelize_embeddings(model: MambaLM, topo, paths: FastPaths, sp: bool = False) -> None:
     if paths.apex_norms is not None and model.post_process:
         model.norm_f = fused_norm(model.norm_f, paths.apex_norms)
     if topo.tp == 1:
@@ -117,18 +157,25 @@ def parallelize_embeddings(model: MambaLM, topo, paths: FastPaths) -> None:
     tied = model.pre_process and model.post_process and model.lm_head.weight is model.embedding.weight
     if model.pre_process:
         model.embedding = VocabParallelEmbedding(model.embedding, topo)
+        if sp:
+            model.embedding.register_forward_hook(lambda m, args, out: scatter_sequence(out, topo.tp_group))
     if model.post_process:
-        model.lm_head = _TiedVocabParallelHead(model.embedding, topo) if tied else ColumnParallel(model.lm_head, topo)
+        model.lm_head = (_TiedVocabParallelHead(model.embedding, topo, sp) if tied
+                         else ColumnParallel(model.lm_head, topo, sequence_parallel=sp))
         model.cross_entropy = vocab_parallel_cross_entropy
+        if sp:
+            model.lm_head.register_forward_pre_hook(lambda m, args: (gather_sequence(args[0], topo.tp_group),))
+            _mark_sequence_parallel(model.norm_f)
 
 
 def build_parallel_model(cfg: Config, topo, paths: Optional[FastPaths] = None) -> MambaLM:
     """This rank's shard of the model (of its pipeline stages under PP), on topo.device."""
     from megamoe.parallel.pipeline import mark_shared_embedding_copy, stage_model_args
     paths = paths or fast_paths(cfg, topo.device)
+    sp = cfg.parallel.sequence_parallel
     stage = stage_model_args(cfg, topo) if topo.pp > 1 else {}
-    model = MambaLM(cfg.model, seed=cfg.training.seed, block_hook=lambda b: parallelize_block(b, topo, paths),
+    model = MambaLM(cfg.model, seed=cfg.training.seed, block_hook=lambda b: parallelize_block(b, topo, paths, sp),
                     **stage)
-    parallelize_embeddings(model, topo, paths)
+    parallelize_embeddings(model, topo, paths, sp)
     mark_shared_embedding_copy(model, topo)
     return model.to(topo.device)

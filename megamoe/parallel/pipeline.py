@@ -159,6 +159,8 @@ class Pipeline:
         shape = (self.cfg.training.micro_batch_size, self.cfg.data.seq_length)
         if end and kind == "input":
             return torch.empty(shape, dtype=torch.long, device="meta")
+        if not end and self.cfg.parallel.sequence_parallel:  # hidden states hold this rank's 1/TP of the sequence
+            shape = (shape[0], shape[1] // self.topo.tp)
         width = self.cfg.model.vocab_size // self.topo.tp if end else self.cfg.model.d_model
         return torch.empty(shape + (width,), dtype=torch.float32, device="meta", requires_grad=True)
 

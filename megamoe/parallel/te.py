@@ -46,6 +46,10 @@ def fast_paths(cfg: Config, device: torch.device) -> FastPaths:
         if te is None and (mode == "on" or cfg.training.fp8):
             raise ConfigError("Transformer Engine is not importable here (training.transformer_engine=on or "
                               "training.fp8 set); install megamoe[gpu] or use the NGC container, or turn them off")
+    if te is not None and cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size > 1:
+        raise ConfigError("--sequence-parallel with Transformer Engine linears is not supported (TE gathers "
+                          "sequence-first tensors, megamoe's are batch-first); set training.transformer_engine "
+                          "off or drop --sequence-parallel")
     if cfg.training.fp8 and te is None:
         raise ConfigError(f"training.fp8={cfg.training.fp8!r} needs Transformer Engine on CUDA; it is not in use "
                           "here (no CUDA device, or training.transformer_engine=off)")

@@ -15,9 +15,11 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
-from megamoe.parallel.comm import count_all_reduce
+from megamoe.parallel.comm import COUNTER, count_all_reduce
 from megamoe.parallel.sharding import ShardSpec, set_shard_spec, take_shard
 
 with warnings.catch_warnings():
@@ -51,37 +53,51 @@ def _copy_shard(dst: torch.Tensor, full: torch.Tensor, spec: ShardSpec, topo) ->
 # The wrappers subclass megatron-core's layers (not wrap them), so parameter names stay those of the plain
 # model (`in_proj.weight`) in every layout, and checkpoints and tests can match them by name.
 class ColumnParallel(tensor_parallel.ColumnParallelLinear):
-    """Output features sharded over TP; input replicated. Returns the local output shard."""
+    """Output features sharded over TP; input replicated. Returns the local output shard.
 
-    def __init__(self, linear: nn.Linear, topo, partitions: Optional[Sequence[int]] = None):
+    With `sequence_parallel` the input arrives already gathered along the sequence (gather_sequence), whose
+    backward sums the input gradient over TP, so the layer must not all-reduce it again."""
+
+    def __init__(self, linear: nn.Linear, topo, partitions: Optional[Sequence[int]] = None,
+                 sequence_parallel: bool = False):
         out_features, in_features = linear.weight.shape
         super().__init__(in_features, out_features, config=_mp_config(topo.tp), init_method=_noop_init,
-                         bias=linear.bias is not None, gather_output=False, tp_group=topo.tp_group)
+                         bias=linear.bias is not None, gather_output=False, tp_group=topo.tp_group,
+                         disable_grad_reduce=sequence_parallel)
         blocks = tuple(partitions or ())
         _copy_shard(self.weight, linear.weight, ShardSpec(tuple(linear.weight.shape), 0, blocks), topo)
         if linear.bias is not None:
             _copy_shard(self.bias, linear.bias, ShardSpec(tuple(linear.bias.shape), 0, blocks), topo)
 
     def forward(self, x):
-        _count_grad_all_reduce(x, self.tp_group)
+        if not self.disable_grad_reduce:
+            _count_grad_all_reduce(x, self.tp_group)
         return super().forward(x)[0]
 
 
 class RowParallel(tensor_parallel.RowParallelLinear):
-    """Input features sharded over TP (the previous layer's local output); output all-reduced."""
+    """Input features sharded over TP (the previous layer's local output); output all-reduced.
 
-    def __init__(self, linear: nn.Linear, topo, partitions: Optional[Sequence[int]] = None):
+    With `sequence_parallel` it returns this rank's partial sums instead (no bias): the caller reduce-scatters
+    them along the sequence and adds the bias (see parallelize.py)."""
+
+    def __init__(self, linear: nn.Linear, topo, partitions: Optional[Sequence[int]] = None,
+                 sequence_parallel: bool = False):
         out_features, in_features = linear.weight.shape
         super().__init__(in_features, out_features, config=_mp_config(topo.tp), init_method=_noop_init,
                          bias=linear.bias is not None, input_is_parallel=True, skip_bias_add=False,
                          tp_group=topo.tp_group)
+        self.partial_output = sequence_parallel
         _copy_shard(self.weight, linear.weight, ShardSpec(tuple(linear.weight.shape), 1, tuple(partitions or ())),
                     topo)
         if linear.bias is not None:
             with torch.no_grad():
                 self.bias.copy_(linear.bias)
+            self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, x):
+        if self.partial_output:
+            return F.linear(x, self.weight)
         out = super().forward(x)[0]
         count_all_reduce(out, self.tp_group, "tp_all_reduce")
         return out
@@ -121,3 +137,103 @@ def reduce_from_tp(x: torch.Tensor, group=None) -> torch.Tensor:
     out = tensor_parallel.reduce_from_tensor_model_parallel_region(x, group=group)
     count_all_reduce(out, group, "tp_all_reduce")
     return out
+
+
+class _GatherLastDim(torch.autograd.Function):
+    # megatron-core's gather_from_tensor_model_parallel_region allocates on torch.cuda.current_device(),
+    # so this device-agnostic one is ours: all-gather forward, keep this rank's slice backward.
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        world = dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        return grad.chunk(world, dim=-1)[rank].contiguous(), None
+
+
+def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """All-gather of the last dimension over `group` forward, this rank's slice backward."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return _GatherLastDim.apply(x, group)
+
+
+# Sequence parallelism: outside the TP regions (norms, residual adds) each TP rank holds 1/TP of the sequence.
+# megatron-core's mappings for this assume sequence-first tensors and allocate on the current CUDA device;
+# megamoe's activations are (batch, L, d), so these device-agnostic ones work along dim 1.
+def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    xt = x.transpose(0, 1).contiguous()
+    out = xt.new_empty((xt.shape[0] * world,) + tuple(xt.shape[1:]))
+    dist.all_gather_into_tensor(out, xt, group=group)
+    COUNTER.add("tp_all_gather", out.numel() * out.element_size() * (world - 1) // world)
+    return out.transpose(0, 1).contiguous()
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    xt = x.transpose(0, 1).contiguous()
+    out = xt.new_empty((xt.shape[0] // world,) + tuple(xt.shape[1:]))
+    dist.reduce_scatter_tensor(out, xt, group=group)
+    COUNTER.add("tp_reduce_scatter", xt.numel() * xt.element_size() * (world - 1) // world)
+    return out.transpose(0, 1).contiguous()
+
+
+def _own_chunk(x: torch.Tensor, group) -> torch.Tensor:
+    return x.chunk(dist.get_world_size(group), dim=1)[dist.get_rank(group)].contiguous()
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, grad_is_partial):
+        ctx.group, ctx.grad_is_partial = group, grad_is_partial
+        return _all_gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.grad_is_partial:
+            return _reduce_scatter_seq(grad, ctx.group), None, None
+        return _own_chunk(grad, ctx.group), None, None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.group), None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _own_chunk(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.group), None
+
+
+def gather_sequence(x: torch.Tensor, group, grad_is_partial: bool = True) -> torch.Tensor:
+    """(batch, L / TP, ...) -> (batch, L, ...). Backward: reduce-scatter when what follows is TP-partial (a
+    column-parallel layer), this rank's slice when it is replicated (the Switch router and its experts)."""
+    return _GatherSequence.apply(x, group, grad_is_partial)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """TP-partial (batch, L, ...) -> summed (batch, L / TP, ...); backward all-gathers."""
+    return _ReduceScatterSequence.apply(x, group)
+
+
+def scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """Replicated (batch, L, ...) -> this rank's (batch, L / TP, ...); backward all-gathers."""
+    return _ScatterSequence.apply(x, group)

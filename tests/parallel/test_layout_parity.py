@@ -19,13 +19,13 @@ from megamoe.training.trainer import make_runner, train_step
 STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB = 3, 4, 1, 16, 64
 
 
-def _config(tp=1, ep=1, pp=1, vpp=None, schedule="1f1b"):
+def _config(tp=1, ep=1, pp=1, vpp=None, schedule="1f1b", sp=False):
     return config_from_dict({
         "model": {"pattern": "MEMEAF", "d_model": 32, "d_state": 8, "num_experts": 4, "capacity_factor": 0.75,
                   "vocab_size": VOCAB, "num_heads": 4, "z_loss_weight": 0.001},
         "parallel": {"tensor_model_parallel_size": tp, "expert_model_parallel_size": ep,
                      "pipeline_model_parallel_size": pp, "virtual_pipeline_model_parallel_size": vpp,
-                     "pipeline_schedule": schedule},
+                     "pipeline_schedule": schedule, "sequence_parallel": sp},
         "data": {"mock": True, "seq_length": SEQ},
         "training": {"micro_batch_size": MICRO_BATCH, "global_batch_size": GLOBAL_BATCH, "seed": 5},
         "optimizer": {"lr": 1e-2, "lr_warmup_iters": 0}})
@@ -48,8 +48,8 @@ def _my_micro_batches(step, dp_rank, dp):
     return out
 
 
-def _train(tp, ep, pp=1, vpp=None, schedule="1f1b", zero=False):
-    cfg = _config(tp, ep, pp, vpp, schedule)
+def _train(tp, ep, pp=1, vpp=None, schedule="1f1b", zero=False, sp=False):
+    cfg = _config(tp, ep, pp, vpp, schedule, sp)
     topo = init_distributed(cfg.parallel)
     set_seed(cfg.training.seed)
     model = build_parallel_model(cfg, topo)
@@ -93,6 +93,10 @@ def test_two_rank_layouts_match_one_process(tp, ep, reference):
     _check(run_on_ranks(_train, 2, args=(tp, ep), timeout=300), reference)
 
 
+def test_sequence_parallel_tp2_matches_one_process(reference):
+    _check(run_on_ranks(_train, 2, args=(2, 1, 1, None, "1f1b", False, True), timeout=300), reference)
+
+
 def test_zero1_distributed_optimizer_shards_state_and_matches(reference):
     results = run_on_ranks(_train, 2, args=(1, 2, 1, None, "1f1b", True), timeout=300)  # EP 2, DP 2, ZeRO-1
     _check(results, reference)
@@ -109,9 +113,11 @@ def test_pipeline_layouts_match_one_process(pp, vpp, schedule, reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp, ep, pp", [(2, 2, 1), (1, 2, 2), (2, 1, 2)], ids=["TP2xEP2", "PP2xEP2", "TP2xPP2"])
-def test_four_rank_layouts_match_one_process(tp, ep, pp, reference):
-    _check(run_on_ranks(_train, 4, args=(tp, ep, pp), timeout=400), reference)
+@pytest.mark.parametrize("tp, ep, pp, sp", [(2, 2, 1, False), (1, 2, 2, False), (2, 1, 2, False), (2, 2, 1, True),
+                                           (2, 1, 2, True)],
+                         ids=["TP2xEP2", "PP2xEP2", "TP2xPP2", "TP2xEP2-SP", "TP2xPP2-SP"])
+def test_four_rank_layouts_match_one_process(tp, ep, pp, sp, reference):
+    _check(run_on_ranks(_train, 4, args=(tp, ep, pp, None, "1f1b", False, sp), timeout=400), reference)
 
 
 @pytest.mark.slow
