@@ -161,9 +161,9 @@ class ParallelConfig:
         if model.vocab_size is not None and model.vocab_size % tp:
             raise ConfigError(f"--tensor-model-parallel-size={tp} does not divide model.vocab_size="
                               f"{model.vocab_size}; leave vocab_size unset to pad it automatically")
-        if etp not in (tp,):
-            raise ConfigError(f"--expert-tensor-parallel-size={etp} differs from --tensor-model-parallel-size={tp}; "
-                              "megamoe splits experts over the same ranks as the dense layers: leave it unset")
+        if etp not in (1, tp):
+            raise ConfigError(f"--expert-tensor-parallel-size={etp}: use 1 (whole experts) or the tensor-parallel "
+                              f"size {tp} (experts split like the dense layers, the default)")
         if tp > 1 and model.mamba_moe_projections:
             raise ConfigError("model.mamba_moe_projections (MoE inside the Mamba projections) needs "
                               "--tensor-model-parallel-size 1; use --expert-model-parallel-size to spread experts")

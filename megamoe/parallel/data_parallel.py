@@ -62,7 +62,9 @@ class GradientReducer:
         self.calls = {}
         self.expected = 0
         self.launched = 0
-        if topo.dp > 1:
+        # Expert-DP can exceed DP (whole experts under TP > 1 are copied over the TP ranks too).
+        self.active = topo.dp > 1 or topo.edp > 1
+        if self.active:
             for p in params:
                 p.register_post_accumulate_grad_hook(self._on_grad)
 
@@ -109,7 +111,7 @@ class GradientReducer:
         sum over TP the gradients of parameters that saw only this rank's part of the sequence (norms under
         sequence parallelism). That sum comes after the write-back, which copies the buckets' values over the
         gradients; both are sums, so their order does not change the result."""
-        if self.topo.dp > 1:
+        if self.active:
             while self.launched < len(self.buckets):
                 self._launch(self.buckets[self.launched])
             for b in self.buckets:

@@ -3,15 +3,17 @@
 Flow (megatron-core's): the SwitchMoE routes and sorts its tokens by global expert; `AllToAllDispatcher`
 sends each EP rank the tokens of its experts (counts first, then tokens), regroups what arrives by local
 expert, and after the local experts ran sends the results back the same way. Expert tensor parallelism
-(ETP) splits each expert's hidden width over the expert-TP group: column then row, as a dense FFN.
+(ETP) splits each expert's hidden width over the expert-TP group: column then row, as a dense FFN; with
+expert-TP 1 under TP > 1, each TP rank routes a 1/TP share of the tokens instead (TPSplitDispatcher).
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megamoe.model.moe import Experts
-from megamoe.parallel.comm import all_to_all, all_to_all_counts
+from megamoe.parallel.comm import COUNTER, all_to_all, all_to_all_counts
 from megamoe.parallel.sharding import ShardSpec, set_shard_spec, take_shard
 from megamoe.parallel.tensor_parallel import copy_to_tp, reduce_from_tp
 
@@ -72,8 +74,80 @@ class ShardedExperts(Experts):
         return reduce_from_tp(super().forward(copy_to_tp(x, self.etp_group), counts), self.etp_group)
 
 
+def _all_gather_rows(y: torch.Tensor, sizes: list, group) -> torch.Tensor:
+    """Every rank's rows (rank r holds sizes[r] of them), concatenated in rank order."""
+    width = max(sizes)
+    padded = y.new_zeros((width,) + tuple(y.shape[1:]))
+    padded[:y.shape[0]] = y
+    out = y.new_empty((len(sizes) * width,) + tuple(y.shape[1:]))
+    dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+    COUNTER.add("tp_all_gather", out.numel() * out.element_size() * (len(sizes) - 1) // len(sizes))
+    return torch.cat([out[r * width:r * width + n] for r, n in enumerate(sizes)])
+
+
+def _own_rows(t: torch.Tensor, sizes: list, rank: int) -> torch.Tensor:
+    start = sum(sizes[:rank])
+    return t[start:start + sizes[rank]]
+
+
+class _SplitRows(torch.autograd.Function):
+    """This rank's rows of a replicated tensor; backward all-gathers every rank's row gradients."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        ctx.sizes, ctx.group = sizes, group
+        return _own_rows(x, sizes, dist.get_rank(group)).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_rows(grad.contiguous(), ctx.sizes, ctx.group), None, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather rows of different counts; backward keeps this rank's rows (the gradient of what follows is
+    the same on every rank: weighting and combining run replicated)."""
+
+    @staticmethod
+    def forward(ctx, y, sizes, group):
+        ctx.sizes, ctx.rank = sizes, dist.get_rank(group)
+        return _all_gather_rows(y, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _own_rows(grad, ctx.sizes, ctx.rank).contiguous(), None, None
+
+
+class TPSplitDispatcher:
+    """Experts not split over TP (expert-TP 1) while the layer's tokens are replicated over TP: each TP rank
+    sends only its 1/TP share of the routed assignments through `inner` (so every token reaches its expert
+    once), and the experts' outputs are all-gathered over TP, so weighting and combining run replicated as
+    they do without tensor parallelism (megatron-core splits tokens over TP the same way)."""
+
+    def __init__(self, inner, group, tp: int, tp_rank: int):
+        self.inner, self.group, self.tp, self.tp_rank = inner, group, tp, tp_rank
+
+    def dispatch(self, x: torch.Tensor, counts: torch.Tensor):
+        """x: every assignment sorted by expert, counts (E,) -> this rank's share through `inner`."""
+        n = x.shape[0]
+        bounds = [n * r // self.tp for r in range(self.tp + 1)]
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+        start, end = bounds[self.tp_rank], bounds[self.tp_rank + 1]
+        # Per-expert counts of rows [start, end) of the expert-sorted assignments.
+        edges = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        mine = (edges[1:].clamp(start, end) - edges[:-1].clamp(start, end))
+        # The input gradient of each rank's share is all-gathered back, so the layers below get it whole.
+        local_x, local_counts, inner_ctx = self.inner.dispatch(_SplitRows.apply(x, sizes, self.group), mine)
+        return local_x, local_counts, (inner_ctx, sizes)
+
+    def combine(self, y: torch.Tensor, ctx) -> torch.Tensor:
+        inner_ctx, sizes = ctx
+        return _GatherRows.apply(self.inner.combine(y, inner_ctx), sizes, self.group)
+
+
 def parallelize_moe(moe, topo) -> None:
     """Keep this rank's experts and exchange tokens over the EP group; the router stays replicated."""
     moe.experts = ShardedExperts(moe.experts, topo)
     if topo.ep > 1:
         moe.dispatcher = AllToAllDispatcher(topo.ep_group, topo.ep, moe.experts.num_experts)
+    if topo.tp > 1 and topo.etp == 1:
+        moe.dispatcher = TPSplitDispatcher(moe.dispatcher, topo.tp_group, topo.tp, topo.tp_rank)

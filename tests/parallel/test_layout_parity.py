@@ -19,16 +19,22 @@ from megamoe.training.trainer import make_runner, train_step
 STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB = 3, 4, 1, 16, 64
 
 
-def _config(tp=1, ep=1, pp=1, vpp=None, schedule="1f1b", sp=False):
+def _config(layout: dict):
+    """The test model in `layout`: parallel config keys (tensor_model_parallel_size, ...), plus zero (ZeRO-1)."""
+    parallel = {k: v for k, v in layout.items() if k != "zero"}
     return config_from_dict({
         "model": {"pattern": "MEMEAF", "d_model": 32, "d_state": 8, "num_experts": 4, "capacity_factor": 0.75,
                   "vocab_size": VOCAB, "num_heads": 4, "z_loss_weight": 0.001},
-        "parallel": {"tensor_model_parallel_size": tp, "expert_model_parallel_size": ep,
-                     "pipeline_model_parallel_size": pp, "virtual_pipeline_model_parallel_size": vpp,
-                     "pipeline_schedule": schedule, "sequence_parallel": sp},
+        "parallel": parallel,
         "data": {"mock": True, "seq_length": SEQ},
         "training": {"micro_batch_size": MICRO_BATCH, "global_batch_size": GLOBAL_BATCH, "seed": 5},
         "optimizer": {"lr": 1e-2, "lr_warmup_iters": 0}})
+
+
+def layout(tp=1, ep=1, pp=1, vpp=None, schedule="1f1b", sp=False, etp=None, zero=False) -> dict:
+    return dict(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
+                virtual_pipeline_model_parallel_size=vpp, pipeline_schedule=schedule, sequence_parallel=sp,
+                expert_tensor_parallel_size=etp, zero=zero)
 
 
 def _global_batch(step):
@@ -48,8 +54,9 @@ def _my_micro_batches(step, dp_rank, dp):
     return out
 
 
-def _train(tp, ep, pp=1, vpp=None, schedule="1f1b", zero=False, sp=False):
-    cfg = _config(tp, ep, pp, vpp, schedule, sp)
+def _train(spec: dict):
+    cfg = _config(spec)
+    zero = spec["zero"]
     topo = init_distributed(cfg.parallel)
     set_seed(cfg.training.seed)
     model = build_parallel_model(cfg, topo)
@@ -74,7 +81,7 @@ def _train(tp, ep, pp=1, vpp=None, schedule="1f1b", zero=False, sp=False):
 @pytest.fixture(scope="module")
 def reference():
     try:
-        return _train(1, 1)
+        return _train(layout())
     finally:
         destroy_distributed()
 
@@ -88,38 +95,34 @@ def _check(results, reference):
             torch.testing.assert_close(r["grads"][name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("tp, ep", [(2, 1), (1, 2), (1, 1)], ids=["TP2", "EP2", "DP2"])
-def test_two_rank_layouts_match_one_process(tp, ep, reference):
-    _check(run_on_ranks(_train, 2, args=(tp, ep), timeout=300), reference)
+TWO_RANKS = {"TP2": layout(tp=2), "EP2": layout(ep=2), "DP2": layout(), "TP2-SP": layout(tp=2, sp=True),
+             "TP2-ETP1": layout(tp=2, etp=1), "PP2-1F1B": layout(pp=2),
+             "PP2-interleaved": layout(pp=2, vpp=2, schedule="interleaved_1f1b"),
+             "PP2-zero-bubble": layout(pp=2, vpp=2, schedule="zero_bubble")}
+FOUR_RANKS = {"TP2xEP2": layout(tp=2, ep=2), "PP2xEP2": layout(ep=2, pp=2), "TP2xPP2": layout(tp=2, pp=2),
+              "TP2xEP2-SP": layout(tp=2, ep=2, sp=True), "TP2xPP2-SP": layout(tp=2, pp=2, sp=True),
+              "TP2xEP2-ETP1": layout(tp=2, ep=2, etp=1)}
 
 
-def test_sequence_parallel_tp2_matches_one_process(reference):
-    _check(run_on_ranks(_train, 2, args=(2, 1, 1, None, "1f1b", False, True), timeout=300), reference)
+@pytest.mark.parametrize("name", TWO_RANKS)
+def test_two_rank_layouts_match_one_process(name, reference):
+    _check(run_on_ranks(_train, 2, args=(TWO_RANKS[name],), timeout=300), reference)
 
 
 def test_zero1_distributed_optimizer_shards_state_and_matches(reference):
-    results = run_on_ranks(_train, 2, args=(1, 2, 1, None, "1f1b", True), timeout=300)  # EP 2, DP 2, ZeRO-1
+    results = run_on_ranks(_train, 2, args=(layout(ep=2, zero=True),), timeout=300)  # EP 2, DP 2, ZeRO-1
     _check(results, reference)
     full = reference["state_numel"]
     assert all(0.3 * full < r["state_numel"] < 0.7 * full for r in results)
     assert sum(r["state_numel"] for r in results) - full < 0.01 * full  # experts are not replicated: ~no overlap
 
 
-@pytest.mark.parametrize("pp, vpp, schedule", [(2, None, "1f1b"), (2, 2, "interleaved_1f1b"),
-                                                (2, 2, "zero_bubble")],
-                         ids=["PP2-1F1B", "PP2-interleaved", "PP2-zero-bubble"])
-def test_pipeline_layouts_match_one_process(pp, vpp, schedule, reference):
-    _check(run_on_ranks(_train, 2, args=(1, 1, pp, vpp, schedule), timeout=300), reference)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("tp, ep, pp, sp", [(2, 2, 1, False), (1, 2, 2, False), (2, 1, 2, False), (2, 2, 1, True),
-                                           (2, 1, 2, True)],
-                         ids=["TP2xEP2", "PP2xEP2", "TP2xPP2", "TP2xEP2-SP", "TP2xPP2-SP"])
-def test_four_rank_layouts_match_one_process(tp, ep, pp, sp, reference):
-    _check(run_on_ranks(_train, 4, args=(tp, ep, pp, None, "1f1b", False, sp), timeout=400), reference)
+@pytest.mark.parametrize("name", FOUR_RANKS)
+def test_four_rank_layouts_match_one_process(name, reference):
+    _check(run_on_ranks(_train, 4, args=(FOUR_RANKS[name],), timeout=400), reference)
 
 
 @pytest.mark.slow
 def test_tp2_x_pp2_x_ep2_on_eight_ranks_matches_one_process(reference):
-    _check(run_on_ranks(_train, 8, args=(2, 2, 2), timeout=600), reference)
+    _check(run_on_ranks(_train, 8, args=(layout(tp=2, ep=2, pp=2),), timeout=600), reference)
