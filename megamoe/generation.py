@@ -29,43 +29,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from megamoe.model.attention import Attention, apply_rope, rope_tables
+from megamoe.model.attention import KVCache
 from megamoe.model.lm import MambaLM, block_kinds
 from megamoe.model.moe import LocalDispatcher
 
 
 class InferenceError(RuntimeError):
     """A model or request that generation cannot run here; the message says why and what to do."""
-
-
-class KVCache:
-    """Keys (RoPE applied) and values of the tokens seen so far, (batch, heads, capacity, head_dim) each;
-    the capacity doubles when a token does not fit (allocate_cache sizes it for the whole generation)."""
-
-    def __init__(self, capacity: int = 0):
-        self.capacity, self.length = capacity, 0
-        self.k: Optional[torch.Tensor] = None
-        self.v: Optional[torch.Tensor] = None
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple:
-        """Add (batch, heads, n, head_dim) keys and values; return all of them so far."""
-        n = k.shape[2]
-        if self.k is None or self.length + n > self.k.shape[2]:
-            size = max(self.capacity, 2 * (self.length + n), 16)
-            grown = [t.new_zeros(*t.shape[:2], size, t.shape[3]) for t in (k, v)]
-            if self.k is not None:
-                grown[0][:, :, :self.length] = self.k[:, :, :self.length]
-                grown[1][:, :, :self.length] = self.v[:, :, :self.length]
-            self.k, self.v = grown
-        self.k[:, :, self.length:self.length + n] = k
-        self.v[:, :, self.length:self.length + n] = v
-        self.length += n
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
 
 
 @dataclass
@@ -127,38 +98,6 @@ def allocate_cache(model, batch: int, max_length: Optional[int] = None) -> Infer
     return cache
 
 
-def attention_forward(attn: Attention, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
-    """Attention of x (batch, n, d_model) at positions start .. start + n - 1 over the cached tokens and itself.
-    n > 1 only for the prompt (start 0, causal); after it one token at a time, attending to everything cached."""
-    batch, n, _ = x.shape
-    q, k, v = attn.qkv(x).chunk(3, dim=-1)
-    q, k, v = (t.reshape(batch, n, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
-    # The full forward's tables sliced at these positions: the same angles to the bit.
-    cos, sin = rope_tables(start + n, attn.head_dim, attn.rope_base, x.device)
-    q, k = apply_rope(q, cos[start:], sin[start:]), apply_rope(k, cos[start:], sin[start:])
-    k, v = kv.append(k, v)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and n > 1)
-    return attn.out_proj(y.transpose(1, 2).reshape(batch, n, -1))
-
-
-def block_forward(block, h: torch.Tensor, state, start: int) -> torch.Tensor:
-    """Block.forward with its state: prefill at start 0, one step after; sublayers summed in Block's order."""
-    x = block.norm(h)
-    out = h
-    for name in ("mixer", "moe", "attention", "ffn"):
-        if not hasattr(block, name):
-            continue
-        sublayer = getattr(block, name)
-        if name == "mixer":
-            y = sublayer.prefill(x, state) if start == 0 else sublayer.step(x, state)
-        elif name == "attention":
-            y = attention_forward(sublayer, x, state, start)
-        else:
-            y = sublayer(x)  # per token: Switch MoE or dense FFN
-        out = out + y
-    return out
-
-
 @torch.no_grad()
 def forward_cached(model, tokens: torch.Tensor, cache: InferenceCache, last_only: bool = False) -> torch.Tensor:
     """Logits (batch, n, vocab) of `tokens` (batch, n) following what `cache` has seen, which it then holds.
@@ -174,7 +113,7 @@ def forward_cached(model, tokens: torch.Tensor, cache: InferenceCache, last_only
     with moe_capacity(model, 0.0):
         h = model.embed(tokens.to(device))
         for name, block in model.layers.items():
-            h = block_forward(block, h, cache.states.get(name), cache.length)
+            h = block.forward_cached(h, cache.states.get(name), cache.length)
     cache.length += tokens.shape[1]
     return model.head(h[:, -1:] if last_only else h)
 

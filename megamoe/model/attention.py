@@ -1,5 +1,8 @@
-"""The Transformer baselines' layers: causal self-attention with RoPE, and a dense feed-forward block."""
+"""The Transformer baselines' layers: causal self-attention with RoPE (and its KV cache for generation), and a
+dense feed-forward block."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+class KVCache:
+    """Keys (RoPE applied) and values of the tokens seen so far, (batch, heads, capacity, head_dim) each;
+    the capacity doubles when a token does not fit (allocate_cache sizes it for the whole generation)."""
+
+    def __init__(self, capacity: int = 0):
+        self.capacity, self.length = capacity, 0
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """Add (batch, heads, n, head_dim) keys and values; return all of them so far."""
+        n = k.shape[2]
+        if self.k is None or self.length + n > self.k.shape[2]:
+            size = max(self.capacity, 2 * (self.length + n), 16)
+            grown = [t.new_zeros(*t.shape[:2], size, t.shape[3]) for t in (k, v)]
+            if self.k is not None:
+                grown[0][:, :, :self.length] = self.k[:, :, :self.length]
+                grown[1][:, :, :self.length] = self.v[:, :, :self.length]
+            self.k, self.v = grown
+        self.k[:, :, self.length:self.length + n] = k
+        self.v[:, :, self.length:self.length + n] = v
+        self.length += n
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention with RoPE; `qkv` produces [q | k | v], each num_heads x head_dim."""
 
@@ -36,6 +67,19 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(y.transpose(1, 2).reshape(batch, length, -1))
+
+    def forward_cached(self, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
+        """Attention of x (batch, n, d_model) at positions start .. start + n - 1 over the cached tokens and
+        itself. n > 1 only for the prompt (start 0, causal); after it one token at a time, attending to all."""
+        batch, n, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(batch, n, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        # The full forward's tables sliced at these positions: the same angles to the bit.
+        cos, sin = rope_tables(start + n, self.head_dim, self.rope_base, x.device)
+        q, k = apply_rope(q, cos[start:], sin[start:]), apply_rope(k, cos[start:], sin[start:])
+        k, v = kv.append(k, v)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and n > 1)
+        return self.out_proj(y.transpose(1, 2).reshape(batch, n, -1))
 
 
 class FeedForward(nn.Module):
