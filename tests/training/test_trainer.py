@@ -24,7 +24,7 @@ def _tiny(corpus, tmp_path, **sections):
             "training": {"train_iters": 40, "micro_batch_size": 4, "global_batch_size": 8, "eval_interval": 20,
                          "eval_iters": 2},
             "optimizer": {"lr": 3e-3, "lr_warmup_iters": 4},
-            "logging": {"log_dir": str(tmp_path / "run"), "log_interval": 5}}
+            "logging": {"log_dir": str(tmp_path / "run"), "log_interval": 5, "peak_tflops": 1.0}}
     for section, values in sections.items():
         base.setdefault(section, {}).update(values)
     return config_from_dict(base)
@@ -40,8 +40,9 @@ def test_tiny_run_loss_falls_and_writes_metrics(tiny_corpus, tmp_path, quiet_env
     first, last = records[0], records[-1]
     assert last["lm_loss"] < first["lm_loss"] - 1.0, (first["lm_loss"], last["lm_loss"])
     for key in ("step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s",
-                "consumed_samples", "fraction_dropped", "expert_load_max_over_mean"):
+                "consumed_samples", "fraction_dropped", "expert_load_max_over_mean", "mfu"):
         assert key in last, key
+    assert 0 < last["mfu"] < 1  # against a 1 TFLOP/s peak
     assert last["consumed_samples"] == 40 * 8
     valid = [r for r in records if "valid_loss" in r]
     assert [r["step"] for r in valid] == [20, 40] and valid[-1]["valid_loss"] < valid[0]["valid_loss"] + 0.5
