@@ -13,10 +13,17 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def _rank() -> int:
-    if "torch.distributed" not in sys.modules:  # tools that never touch torch start faster without it
-        return int(os.environ.get("RANK", 0))
-    import torch.distributed as dist
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank: the process group's once it exists, else the launcher's RANK (0 alone)."""
+    dist = sys.modules.get("torch.distributed")  # tools that never touch torch start faster without it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def _rank0_or_warning(record: logging.LogRecord) -> bool:
+    # Decided when a line is logged, not when the logger is made: loggers are made at import, before the
+    # process group (and so the rank) exists.
+    return record.levelno >= logging.WARNING or _rank() == 0
 
 
 def get_logger(name: str = "megamoe") -> logging.Logger:
@@ -25,9 +32,10 @@ def get_logger(name: str = "megamoe") -> logging.Logger:
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        handler.addFilter(_rank0_or_warning)
         logger.addHandler(handler)
         logger.propagate = False
-    logger.setLevel(logging.INFO if _rank() == 0 else logging.WARNING)
+        logger.setLevel(logging.INFO)
     return logger
 
 

@@ -6,7 +6,8 @@
 2. a sentencepiece BPE tokenizer trained on it;
 3. the corpus preprocessed to Megatron .bin/.idx;
 4. the small MoE-Mamba of megamoe/configs/quickstart.yaml trained on `--nproc` gloo processes with
-   expert parallelism over them (torchrun), writing metrics.jsonl, loss.png and a checkpoint.
+   expert parallelism over them (torchrun), writing metrics.jsonl, loss.png and a checkpoint;
+   then a short sample from the checkpoint.
 Steps 1-3 are skipped when their outputs already exist, so a second run goes straight to training.
 """
 import argparse
@@ -48,6 +49,16 @@ def prepare_data(workdir: str, workers: int) -> tuple:
     return data, tokenizer
 
 
+def sample(checkpoint: str, prompt: str = "def ", tokens: int = 48) -> str:
+    """A continuation of `prompt` by the trained model (recurrent decoding, one process, fixed seed)."""
+    from megamoe.generation import checkpoint_tokenizer, generate, load_for_inference
+    model, cfg = load_for_inference(checkpoint)
+    tokenizer = checkpoint_tokenizer(cfg)
+    ids = generate(model, tokenizer.encode(prompt), tokens, temperature=0.8, top_p=0.95, seed=0,
+                   eod=tokenizer.eod, vocab_size=tokenizer.vocab_size)
+    return prompt + tokenizer.decode(ids)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="megamoe-quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,6 +98,7 @@ def main(argv=None) -> int:
     log.info(f"done in {time.perf_counter() - start:.0f} s: LM loss {first['lm_loss']:.3f} (step {first['step']}) "
              f"-> {last['lm_loss']:.3f} (step {last['step']})"
              + (f", valid loss {last['valid_loss']:.3f}" if "valid_loss" in last else ""))
+    log.info(f"  sample:     {sample(os.path.join(run_dir, 'checkpoints'))!r}")
     log.info(f"  metrics:    {os.path.join(run_dir, 'metrics.jsonl')}")
     log.info(f"  loss curve: {os.path.join(run_dir, 'loss.png')}")
     log.info(f"  checkpoint: {os.path.join(run_dir, 'checkpoints')}")
