@@ -135,6 +135,7 @@ def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: floa
         load = sums[5:]
         record["fraction_dropped"] = float(sums[3] / sums[4])
         record["expert_load_max_over_mean"] = float(load.max() / load.mean().clamp(min=1e-9))
+        record["tokens_per_expert"] = [round(float(n), 2) for n in load]  # summed over MoE layers, mean over DP
     return record
 
 

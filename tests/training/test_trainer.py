@@ -43,6 +43,8 @@ def test_tiny_run_loss_falls_and_writes_metrics(tiny_corpus, tmp_path, quiet_env
                 "consumed_samples", "fraction_dropped", "expert_load_max_over_mean", "mfu"):
         assert key in last, key
     assert 0 < last["mfu"] < 1  # against a 1 TFLOP/s peak
+    # 2 MoE layers x 8 x 64 tokens per step, top-1: every assignment counted once (before dropping)
+    assert len(last["tokens_per_expert"]) == 4 and sum(last["tokens_per_expert"]) == 2 * 8 * 64
     assert last["consumed_samples"] == 40 * 8
     valid = [r for r in records if "valid_loss" in r]
     assert [r["step"] for r in valid] == [20, 40] and valid[-1]["valid_loss"] < valid[0]["valid_loss"] + 0.5
