@@ -33,9 +33,10 @@ class AllToAllDispatcher:
         output_splits = received.sum(1).tolist()
         x = all_to_all(x, output_splits, input_splits, self.group)
         # Arrived grouped by source rank, then local expert; the experts want them by local expert.
-        lengths = received.flatten().tolist()
-        starts = torch.tensor([0] + lengths[:-1]).cumsum(0).view(self.ep, self.num_local).tolist()
-        by_expert = [torch.arange(starts[s][e], starts[s][e] + received[s, e].item())
+        lengths = received.flatten().tolist()  # one host copy; the loop below indexes it
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        by_expert = [torch.arange(starts[s * self.num_local + e], starts[s * self.num_local + e]
+                                  + lengths[s * self.num_local + e])
                      for e in range(self.num_local) for s in range(self.ep)]
         order = torch.cat(by_expert).to(x.device) if by_expert else torch.zeros(0, dtype=torch.long)
         return x[order], received.sum(0).tolist(), (order, input_splits, output_splits)
