@@ -201,26 +201,18 @@ class _GatherSequence(torch.autograd.Function):
         return _own_chunk(grad, ctx.group), None, None
 
 
-class _ReduceScatterSequence(torch.autograd.Function):
+class _ToSequenceShard(torch.autograd.Function):
+    """Forward: this rank's 1/TP of the sequence, reduce-scattered from partial sums or cut from a replicated
+    tensor; backward: the gradient all-gathered along the sequence either way."""
+
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, group, reduce):
         ctx.group = group
-        return _reduce_scatter_seq(x, group)
+        return _reduce_scatter_seq(x, group) if reduce else _own_chunk(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.group), None
-
-
-class _ScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _own_chunk(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.group), None
+        return _all_gather_seq(grad, ctx.group), None, None
 
 
 def gather_sequence(x: torch.Tensor, group, grad_is_partial: bool = True) -> torch.Tensor:
@@ -231,9 +223,9 @@ def gather_sequence(x: torch.Tensor, group, grad_is_partial: bool = True) -> tor
 
 def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """TP-partial (batch, L, ...) -> summed (batch, L / TP, ...); backward all-gathers."""
-    return _ReduceScatterSequence.apply(x, group)
+    return _ToSequenceShard.apply(x, group, True)
 
 
 def scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """Replicated (batch, L, ...) -> this rank's (batch, L / TP, ...); backward all-gathers."""
-    return _ScatterSequence.apply(x, group)
+    return _ToSequenceShard.apply(x, group, False)
