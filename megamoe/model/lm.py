@@ -148,6 +148,20 @@ def moe_summary(moes: list) -> tuple:
     return aux, z, stats
 
 
+class MoETotals:
+    """Running sums, over a step's micro-batches, of what moe_summary reports: for logging."""
+
+    def __init__(self, num_experts: int):
+        self.sums = torch.zeros(4, dtype=torch.float64)  # aux loss, z loss, dropped, assignments
+        self.tokens_per_expert = torch.zeros(num_experts, dtype=torch.float64)
+
+    def add(self, aux: torch.Tensor, z: torch.Tensor, stats: Optional[dict]) -> None:
+        counts = (stats["dropped"], stats["assignments"]) if stats else (0, 0)
+        self.sums += torch.tensor([float(aux), float(z), *counts], dtype=torch.float64)
+        if stats:
+            self.tokens_per_expert += stats["tokens_per_expert"].sum(0).double()
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token cross entropy (batch, L), in float32."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from megamoe.config import Config, ConfigError, ModelConfig
-from megamoe.model.lm import MambaLM, block_kinds, masked_mean, moe_summary
+from megamoe.model.lm import MambaLM, MoETotals, block_kinds, masked_mean, moe_summary
+from megamoe.model.moe import SwitchMoE
 
 
 def block_costs(cfg: ModelConfig) -> list:
@@ -98,28 +99,15 @@ class PipelineChunk(nn.Module):
             self.embedding = lm.embedding
         if last:
             self.norm_f, self.lm_head = lm.norm_f, lm.lm_head
-        self.moe_totals = None  # summed aux loss, z loss, stats of this chunk's micro-batches in a step
+        self.moe_totals = MoETotals(lm.cfg.num_experts)  # this chunk's MoE layers over a step's micro-batches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embedding(x) if self.first else x
         for block in self.blocks:
             h = block(h)
         if self.training:
-            self._add_moe_summary()
+            self.moe_totals.add(*moe_summary([m for b in self.blocks for m in b.modules() if isinstance(m, SwitchMoE)]))
         return self.lm_head(self.norm_f(h)).float() if self.last else h
-
-    def _add_moe_summary(self) -> None:
-        aux, z, stats = moe_summary([m for b in self.blocks for m in b.modules() if hasattr(m, "last_stats")])
-        dropped = (stats["dropped"], stats["assignments"]) if stats else (0, 0)
-        tpe = stats["tokens_per_expert"].float() if stats else None
-        if self.moe_totals is None:
-            self.moe_totals = [aux, z, torch.tensor(dropped, dtype=torch.float64), tpe]
-        else:
-            totals = self.moe_totals
-            totals[0], totals[1] = totals[0] + aux, totals[1] + z
-            totals[2] += torch.tensor(dropped, dtype=torch.float64)
-            if tpe is not None:
-                totals[3] = totals[3] + tpe
 
 
 def _schedule_class(name: str, virtual: int):
@@ -180,10 +168,11 @@ class Pipeline:
         run(*args, target=target if last else None)
 
     def forward_backward(self, batches: list) -> tuple:
-        """(sums over micro-batches of [lm loss, aux loss, z loss], dropped, assignments, tokens per expert)."""
+        """Sums over micro-batches of [lm loss, aux loss, z loss, dropped, assignments], tokens per expert; the
+        same on every rank of the pipeline."""
         self.lm_losses.clear()
         for chunk in self.chunks:
-            chunk.moe_totals = None
+            chunk.moe_totals = MoETotals(self.cfg.model.num_experts)
         self._run(batches, train=True)
         return self._gather_totals()
 
@@ -208,23 +197,16 @@ class Pipeline:
         dist.all_reduce(weight.grad, group=ps.get_embedding_group())
 
     def _gather_totals(self) -> tuple:
-        """Sum every chunk's MoE totals and the last stage's LM losses over the pipeline group."""
-        num_experts = self.cfg.model.num_experts
-        sums = torch.zeros(5, dtype=torch.float64)  # lm, aux, z, dropped, assignments
+        """The last stage's LM losses and every chunk's MoE totals, summed over the pipeline group."""
+        sums = torch.zeros(5 + self.cfg.model.num_experts, dtype=torch.float64)
         sums[0] = float(sum(self.lm_losses))
-        tpe = torch.zeros(num_experts, dtype=torch.float64)
         for chunk in self.chunks:
-            if chunk.moe_totals is not None:
-                aux, z, dropped, chunk_tpe = chunk.moe_totals
-                sums[1] += float(aux)
-                sums[2] += float(z)
-                sums[3:5] += dropped
-                if chunk_tpe is not None and chunk_tpe.shape[-1] == num_experts:
-                    tpe += chunk_tpe.sum(0).double()
-        packed = torch.cat([sums, tpe]).to(self.topo.device)
-        dist.all_reduce(packed, group=self.topo.pp_group)
-        packed = packed.cpu()
-        return packed[:5], packed[5:]
+            sums[1:5] += chunk.moe_totals.sums
+            sums[5:] += chunk.moe_totals.tokens_per_expert
+        sums = sums.to(self.topo.device)
+        dist.all_reduce(sums, group=self.topo.pp_group)
+        sums = sums.cpu()
+        return sums[:5], sums[5:]
 
 
 def stage_model_args(cfg: Config, topo) -> dict:

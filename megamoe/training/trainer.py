@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megamoe.config import Config, ConfigError
 from megamoe.logging import Progress, get_logger
+from megamoe.model.lm import MoETotals
 from megamoe.model.moe import aux_loss_scale
 from megamoe.parallel import Topology, detect_launch_env, init_distributed, set_seed
 from megamoe.parallel.data_parallel import GradientReducer, clip_gradients
@@ -79,17 +80,13 @@ class MicroBatches:
 
     def forward_backward(self, batches: list) -> tuple:
         """Sums over micro-batches of [lm loss, aux loss, z loss, dropped, assignments], tokens per expert."""
-        sums = torch.zeros(5, dtype=torch.float64)
-        tokens_per_expert = torch.zeros(self.cfg.model.num_experts, dtype=torch.float64)
+        lm_loss, moe = 0.0, MoETotals(self.cfg.model.num_experts)
         for batch in batches:
             out = self._forward(batch)
             (out.lm_loss / len(batches)).backward()
-            stats = out.moe_stats or dict(dropped=0, assignments=0)
-            sums += torch.tensor([out.lm_loss.item(), float(out.aux_loss), float(out.z_loss), stats["dropped"],
-                                  stats["assignments"]], dtype=torch.float64)
-            if out.moe_stats:
-                tokens_per_expert += stats["tokens_per_expert"].sum(0).double()
-        return sums, tokens_per_expert
+            lm_loss += out.lm_loss.item()
+            moe.add(out.aux_loss, out.z_loss, out.moe_stats)
+        return torch.cat([torch.tensor([lm_loss], dtype=torch.float64), moe.sums]), moe.tokens_per_expert
 
     def sync_shared_grads(self) -> None:
         """Nothing is shared between stages without a pipeline."""
