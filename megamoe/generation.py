@@ -259,7 +259,6 @@ def load_for_inference(path: str, device: Optional[str] = None):
     checkpoint; InferenceError when the model cannot run here (no such device, not enough memory)."""
     from megamoe import checkpoint
     from megamoe.model import build_model, count_parameters
-    from megamoe.parallel.random import get_rng_state, set_rng_state
 
     path = checkpoint.resolve(path)
     cfg = checkpoint_config(path)
@@ -275,7 +274,5 @@ def load_for_inference(path: str, device: Optional[str] = None):
                              f"fp32, more than the {have / 2**30:.1f} GiB of {device.type} memory available here; "
                              "run it on a machine with more memory")
     model = build_model(cfg.model, seed=cfg.training.seed)  # every weight is then read from the checkpoint
-    rng = get_rng_state()
-    checkpoint.load(path, model, None, cfg, None)
-    set_rng_state(rng)  # load restores the training run's generators; sampling here should not repeat them
+    checkpoint.load(path, model, None, cfg, None)  # model only: the training run's generators stay saved
     return model.to(device).eval(), cfg

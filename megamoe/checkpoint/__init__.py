@@ -147,7 +147,9 @@ def _apply_optimizer_state(optimizer, states: dict, marker: dict) -> None:
 
 def load(path: str, model, optimizer, cfg: Config, topo, verify: bool = True):
     """Load a checkpoint (or `path`'s latest) into this rank's model, and optimizer when given, in any
-    layout; returns the saved TrainState. Every rank calls it. verify: check file sizes and CRC32s first."""
+    layout; returns the saved TrainState. Every rank calls it. verify: check file sizes and CRC32s first.
+    Resuming (an optimizer given) also restores the random generators; a model-only load (inference, export)
+    leaves the caller's alone."""
     from megamoe.training.trainer import TrainState
 
     path = resolve(path)
@@ -174,11 +176,11 @@ def load(path: str, model, optimizer, cfg: Config, topo, verify: bool = True):
         read_entries(path, entries, topo)
     if optimizer is not None:
         _apply_optimizer_state(optimizer, states, marker)
-    rank = rank_and_world(topo)[0]
-    same_layout = marker.get("layout") == layout_of(topo)
-    rng = os.path.join(path, f"rng_rank{rank if same_layout else 0}.pt")
-    if os.path.isfile(rng):  # every rank draws the same streams (parallel/random.py): rank 0's fit any layout
-        set_rng_state(torch.load(rng, weights_only=False))
+        rank = rank_and_world(topo)[0]
+        same_layout = marker.get("layout") == layout_of(topo)
+        rng = os.path.join(path, f"rng_rank{rank if same_layout else 0}.pt")
+        if os.path.isfile(rng):  # every rank draws the same streams (parallel/random.py): rank 0's fit any layout
+            set_rng_state(torch.load(rng, weights_only=False))
     fields = {f.name for f in dataclasses.fields(TrainState)}
     state = {k: v for k, v in marker["train_state"].items() if k in fields}
     state["history"] = [tuple(h) for h in state.get("history", [])]
