@@ -180,9 +180,6 @@ class ParallelConfig:
             if pp == 1:
                 raise ConfigError("--virtual-pipeline-model-parallel-size needs "
                                   "--pipeline-model-parallel-size > 1")
-        if len(model.pattern.replace("|", "")) < pp * (self.virtual_pipeline_model_parallel_size or 1):
-            raise ConfigError(f"model.pattern has {len(model.pattern)} layers, fewer than the "
-                              f"{pp * (self.virtual_pipeline_model_parallel_size or 1)} pipeline stages")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"parallel.backend={self.backend!r}: use auto, nccl or gloo")
         if self.pipeline_schedule not in ("1f1b", "interleaved_1f1b", "zero_bubble"):
@@ -332,6 +329,10 @@ class Config:
         """Check everything a run needs before any process-group work."""
         self.model.validate()
         self.parallel.validate(world_size, self.model)
+        if self.parallel.pipeline_model_parallel_size > 1:
+            # The stages themselves: enough blocks, '|' marks that match PP x virtual stages.
+            from megamoe.parallel.pipeline import stage_blocks
+            stage_blocks(self)
         self.optimizer.validate()
         self.training.validate(world_size, self.parallel)
         tp = self.parallel.tensor_model_parallel_size

@@ -104,3 +104,14 @@ def test_missing_data_and_tokenizer(tmp_path):
     cfg.validate(world_size=1)
     with pytest.raises(ConfigError, match="no training data"):
         Config().validate(world_size=1)
+
+
+def test_pipeline_stages_are_checked_before_start_up():
+    parallel_moe = _valid(model={"pattern": "MEME", "parallel_moe": True},  # 4 letters but 2 blocks
+                          parallel={"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2},
+                          training={"global_batch_size": 8, "micro_batch_size": 4})
+    with pytest.raises(ConfigError, match="2 blocks, fewer than the 4 pipeline stages"):
+        parallel_moe.validate(world_size=2)
+    marks = _valid(model={"pattern": "ME|ME|ME"}, parallel={"pipeline_model_parallel_size": 2})
+    with pytest.raises(ConfigError, match="3 '\\|'-separated stages but the pipeline has 2"):
+        marks.validate(world_size=2)
