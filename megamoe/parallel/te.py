@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Optional
@@ -43,16 +44,16 @@ def fast_paths(cfg: Config, device: torch.device) -> FastPaths:
     te = None
     if mode == "on" or (mode == "auto" and device.type == "cuda"):
         te = _try_import("transformer_engine.pytorch")
-        if te is None and (mode == "on" or cfg.training.fp8):
-            raise ConfigError("Transformer Engine is not importable here (training.transformer_engine=on or "
-                              "training.fp8 set); install megamoe[gpu] or use the NGC container, or turn them off")
+        if te is None and mode == "on":
+            raise ConfigError("training.transformer_engine=on, but Transformer Engine is not importable here; "
+                              "install megamoe[gpu] or use the NGC container, or set it to auto or off")
     if te is not None and cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size > 1:
         raise ConfigError("--sequence-parallel with Transformer Engine linears is not supported (TE gathers "
                           "sequence-first tensors, megamoe's are batch-first); set training.transformer_engine "
                           "off or drop --sequence-parallel")
     if cfg.training.fp8 and te is None:
         raise ConfigError(f"training.fp8={cfg.training.fp8!r} needs Transformer Engine on CUDA; it is not in use "
-                          "here (no CUDA device, or training.transformer_engine=off)")
+                          "here (not importable, no CUDA device, or training.transformer_engine=off)")
     apex_norms = _try_import("apex.normalization") if device.type == "cuda" else None
     return FastPaths(te, apex_norms)
 
@@ -90,22 +91,26 @@ def fused_norm(norm: nn.Module, apex_norms) -> nn.Module:
     return fused
 
 
-def fp8_context(cfg: Config):
-    """te.fp8_autocast with the configured recipe, or nothing when training.fp8 is unset."""
-    if not cfg.training.fp8:
-        return contextlib.nullcontext()
-    te = _try_import("transformer_engine.pytorch")
+@functools.lru_cache(maxsize=None)
+def _fp8_recipe(fp8: str, kind: str, amax_history_len: int, margin: int):
+    """The Transformer Engine recipe, built once per setting: every step's fp8_autocast gets the same object."""
     recipes = _try_import("transformer_engine.common.recipe")
-    if te is None or recipes is None:
-        raise ConfigError(f"training.fp8={cfg.training.fp8!r} needs Transformer Engine, which is not importable "
-                          "here; install megamoe[gpu] (or use the NGC container) or unset training.fp8")
-    fmt = recipes.Format.HYBRID if cfg.training.fp8 == "hybrid" else recipes.Format.E4M3
-    t = cfg.training
-    if t.fp8_recipe == "current":
+    if recipes is None:
+        raise ConfigError(f"training.fp8={fp8!r} needs Transformer Engine, which is not importable here; install "
+                          "megamoe[gpu] (or use the NGC container) or unset training.fp8")
+    fmt = recipes.Format.HYBRID if fp8 == "hybrid" else recipes.Format.E4M3
+    if kind == "current":
         if not hasattr(recipes, "Float8CurrentScaling"):
             raise ConfigError("training.fp8_recipe=current needs Transformer Engine >= 2.2; use delayed")
-        recipe = recipes.Float8CurrentScaling(fp8_format=fmt)
-    else:
-        recipe = recipes.DelayedScaling(fp8_format=fmt, amax_history_len=t.fp8_amax_history_len, margin=t.fp8_margin,
-                                        amax_compute_algo="max")
-    return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
+        return recipes.Float8CurrentScaling(fp8_format=fmt)
+    return recipes.DelayedScaling(fp8_format=fmt, amax_history_len=amax_history_len, margin=margin,
+                                  amax_compute_algo="max")
+
+
+def fp8_context(cfg: Config):
+    """te.fp8_autocast with the configured recipe, or nothing when training.fp8 is unset."""
+    t = cfg.training
+    if not t.fp8:
+        return contextlib.nullcontext()
+    recipe = _fp8_recipe(t.fp8, t.fp8_recipe, t.fp8_amax_history_len, t.fp8_margin)
+    return _try_import("transformer_engine.pytorch").fp8_autocast(enabled=True, fp8_recipe=recipe)
