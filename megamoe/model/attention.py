@@ -82,6 +82,14 @@ class Attention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(batch, n, -1))
 
 
+def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The feed-forward nonlinearity (dense FFN and experts): gelu, relu, or swiglu on x = [gate | up]."""
+    if activation == "swiglu":
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(x) if activation == "gelu" else F.relu(x)
+
+
 class FeedForward(nn.Module):
     """Dense FFN: fc2(act(fc1 x)); "swiglu" makes fc1 produce [gate | up]."""
 
@@ -92,10 +100,4 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(d_ffn, d_model, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(h)
-        if self.activation == "swiglu":
-            gate, up = x.chunk(2, dim=-1)
-            x = F.silu(gate) * up
-        else:
-            x = F.gelu(x) if self.activation == "gelu" else F.relu(x)
-        return self.fc2(x)
+        return self.fc2(activate(self.fc1(h), self.activation))

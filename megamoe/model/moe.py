@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megamoe.model.attention import activate
+
 
 class _AuxLossInjector(torch.autograd.Function):
     """Identity on the activations; in backward hands the auxiliary loss the gradient `scale`.
@@ -116,12 +118,7 @@ class Experts(nn.Module):
         h = x @ self.w1[e]
         if self.activation == "linear":
             return h
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
-        return h @ self.w2[e]
+        return activate(h, self.activation) @ self.w2[e]
 
     def forward(self, x: torch.Tensor, counts: list) -> torch.Tensor:
         """x: tokens sorted by local expert, `counts[e]` of them for expert e."""
