@@ -81,14 +81,24 @@ class MambaMixer(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight)  # the bias is added inside the scan, in fp32
         return dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: Optional[tuple] = None) -> torch.Tensor:
+        """(batch, L, d_model) -> (batch, L, d_model). With `cache` (allocate_inference_cache), also leaves the
+        conv and SSM states of the last token there, for `step` to go on from (prefill)."""
         x, z = self._in_projections(h)
-        x = self._conv(x.transpose(1, 2))  # (batch, d_inner, L)
+        x = x.transpose(1, 2)  # (batch, d_inner, L)
+        if cache is not None:
+            keep = min(self.d_conv, x.shape[-1])
+            cache[0].zero_()
+            cache[0][..., -keep:] = x[..., -keep:]
+        x = self._conv(x)
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
-        A = -torch.exp(self.A_log.float())
-        y = selective_scan(x, dt, A, B, C, self.D.float(), z=z.transpose(1, 2),
-                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        return self.out_proj(y.transpose(1, 2))
+        out = selective_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z.transpose(1, 2),
+                             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                             return_last_state=cache is not None)
+        if cache is not None:
+            out, last = out
+            cache[1].copy_(last)
+        return self.out_proj(out.transpose(1, 2))
 
     # Recurrent inference: constant memory per sequence.
     def allocate_inference_cache(self, batch: int, dtype=None, device=None) -> tuple:
@@ -101,19 +111,7 @@ class MambaMixer(nn.Module):
 
     def prefill(self, h: torch.Tensor, cache: tuple) -> torch.Tensor:
         """Full-sequence forward that also leaves the states of its last token in `cache`."""
-        conv_state, ssm_state = cache
-        length = h.shape[1]
-        x, z = self._in_projections(h)
-        x = x.transpose(1, 2)
-        keep = min(self.d_conv, length)
-        conv_state.zero_()
-        conv_state[..., -keep:] = x[..., -keep:]
-        x = self._conv(x)
-        dt, B, C = self._ssm_inputs(x.transpose(1, 2))
-        y, last = selective_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z.transpose(1, 2),
-                                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=True)
-        ssm_state.copy_(last)
-        return self.out_proj(y.transpose(1, 2))
+        return self(h, cache)
 
     def step(self, h: torch.Tensor, cache: tuple) -> torch.Tensor:
         """One token: h (batch, 1, d_model) -> (batch, 1, d_model), updating `cache` in place."""
