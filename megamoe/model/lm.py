@@ -245,18 +245,29 @@ def build_model(cfg: ModelConfig, seed: int = 0, **stage) -> MambaLM:
     return MambaLM(cfg, seed=seed, **stage)
 
 
+def meta_model(cfg: ModelConfig) -> MambaLM:
+    """The model on the meta device (shapes, no memory): for counting parameters."""
+    import dataclasses
+    with torch.device("meta"):
+        return MambaLM(dataclasses.replace(cfg, vocab_size=cfg.vocab_size or 1))
+
+
+def active_parameters(module: nn.Module) -> float:
+    """Parameters one token uses: all of `module`'s, each Switch MoE's experts at top_k / num_experts."""
+    total = sum(p.numel() for p in module.parameters())
+    unused = sum(p.numel() * (1 - m.top_k / m.num_experts)
+                 for m in module.modules() if isinstance(m, SwitchMoE) for p in m.experts.parameters())
+    return total - unused
+
+
 def count_parameters(cfg: ModelConfig) -> dict:
     """Total and active (per token) parameters, with and without embeddings, counted on a meta-device model.
 
     Active counts each MoE layer's experts at top_k / num_experts. The embedding counts once when tied."""
-    import dataclasses
-    meta_cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or 1)
-    with torch.device("meta"):
-        model = MambaLM(meta_cfg)
+    model = meta_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     expert = sum(p.numel() for m in model.moe_layers() for p in m.experts.parameters())
-    active_expert = sum(p.numel() * m.top_k / m.num_experts for m in model.moe_layers() for p in m.experts.parameters())
+    active = active_parameters(model)
     embedding = model.embedding.weight.numel() + (0 if cfg.tie_embeddings else model.lm_head.weight.numel())
-    active = total - expert + active_expert
     return dict(total=total, active=int(active), embedding=embedding, total_non_embedding=total - embedding,
                 active_non_embedding=int(active - embedding), experts=expert)

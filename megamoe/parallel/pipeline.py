@@ -21,22 +21,14 @@ import torch.distributed as dist
 from torch import nn
 
 from megamoe.config import Config, ConfigError, ModelConfig
-from megamoe.model.lm import MambaLM, MoETotals, block_kinds, masked_mean, moe_summary
+from megamoe.model.lm import (MambaLM, MoETotals, active_parameters, block_kinds, masked_mean, meta_model,
+                              moe_summary)
 from megamoe.model.moe import SwitchMoE
 
 
 def block_costs(cfg: ModelConfig) -> list:
     """Active parameters of each block: proportional to its FLOPs per token."""
-    with torch.device("meta"):
-        model = MambaLM(dataclasses.replace(cfg, vocab_size=cfg.vocab_size or 1))
-    costs = []
-    for block in model.layers.values():
-        cost = 0.0
-        for module in block.modules():
-            if hasattr(module, "experts") and hasattr(module, "top_k"):
-                cost -= sum(p.numel() for p in module.experts.parameters()) * (1 - module.top_k / module.num_experts)
-        costs.append(cost + sum(p.numel() for p in block.parameters()))
-    return costs
+    return [active_parameters(block) for block in meta_model(cfg).layers.values()]
 
 
 def _balanced_split(costs: list, parts: int, tail: float) -> list:
