@@ -91,7 +91,8 @@ def parallelize_mamba(mixer: MambaMixer, topo, paths: FastPaths, sp: bool = Fals
     mixer.x_proj.register_forward_hook(lambda module, args, out: copy_to_tp(out, topo.tp_group))
     # dt_proj only lends its weight and bias (the bias is added inside the scan): plain local shards.
     dt_proj = nn.Linear(mixer.dt_rank, local)
-    dt_proj.weight, dt_proj.bias = _shard_param(mixer.dt_proj.weight, 0, topo), _shard_param(mixer.dt_proj.bias, 0, topo)
+    dt_proj.weight = _shard_param(mixer.dt_proj.weight, 0, topo)
+    dt_proj.bias = _shard_param(mixer.dt_proj.bias, 0, topo)
     mixer.dt_proj = dt_proj
     mixer.A_log = _shard_param(mixer.A_log, 0, topo)
     mixer.D = _shard_param(mixer.D, 0, topo)

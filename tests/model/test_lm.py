@@ -36,7 +36,8 @@ def test_block_kinds_and_parallel_moe_mamba():
     assert block_kinds(ModelConfig(pattern="MEM|E")) == ["M", "E", "M", "E"]
     assert block_kinds(ModelConfig(pattern="MEMEAF", parallel_moe=True)) == ["ME", "ME", "A", "F"]
     model = build_model(ModelConfig(pattern="MEME", parallel_moe=True, d_model=32, vocab_size=64, num_experts=2))
-    assert list(model.layers) == ["0", "1"] and hasattr(model.layers["0"], "mixer") and hasattr(model.layers["0"], "moe")
+    block = model.layers["0"]
+    assert list(model.layers) == ["0", "1"] and hasattr(block, "mixer") and hasattr(block, "moe")
 
 
 def test_parallel_block_sums_both_sublayers():

@@ -4,7 +4,8 @@ import torch
 from megamoe.config import ParallelConfig
 from megamoe.parallel import init_distributed
 from megamoe.parallel.sharding import ShardSpec, take_shard
-from megamoe.parallel.tensor_parallel import ColumnParallel, RowParallel, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megamoe.parallel.tensor_parallel import (ColumnParallel, RowParallel, VocabParallelEmbedding,
+                                              vocab_parallel_cross_entropy)
 from megamoe.testing import run_on_ranks
 
 
