@@ -266,6 +266,7 @@ class TrainingConfig:
     fp8_amax_history_len: int = 1024
     fp8_margin: int = 0
     transformer_engine: str = "auto"  # auto: TE linears on CUDA when importable | on | off
+    moe_grouped_gemm: bool = True  # experts in one grouped GEMM (torch grouped_mm) where it runs; false: a loop
     eval_interval: int = 100
     eval_iters: int = 10
     torch_threads: Optional[int] = None  # CPU threads per process; None: cores / local processes
@@ -382,6 +383,7 @@ MEGATRON_FLAGS = {
     "--train-iters": "training.train_iters",
     "--seed": "training.seed",
     "--bf16": "training.bf16",
+    "--moe-grouped-gemm": "training.moe_grouped_gemm",
     "--eval-interval": "training.eval_interval",
     "--eval-iters": "training.eval_iters",
     "--seq-length": "data.seq_length",

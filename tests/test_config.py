@@ -18,6 +18,8 @@ def test_yaml_then_command_line(tmp_path):
     assert cfg.training.train_iters == 9 and cfg.training.bf16 is True
     assert cfg.optimizer.lr == 3e-4 and cfg.parallel.tensor_model_parallel_size == 2
     assert cfg.data.data_path == ["0.3", "a", "0.7", "b"] and cfg.data.prefixes() == ["a", "b"]
+    assert build_config(None, ["--moe-grouped-gemm", "false"]).training.moe_grouped_gemm is False
+    assert build_config(None, ["--moe-grouped-gemm"]).training.moe_grouped_gemm is True
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):

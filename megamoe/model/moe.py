@@ -16,6 +16,7 @@ parallelism swaps in an all-to-all dispatcher from megamoe.parallel, the model c
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -93,6 +94,16 @@ class SwitchRouter(nn.Module):
             return F.linear(x.float(), self.weight.float())
 
 
+def grouped_gemm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch's grouped GEMM (F.grouped_mm, torch >= 2.9) runs here: CUDA bf16 on sm80 and newer, or CPU fp32 /
+    bf16 (where it measured as fast as the per-expert loop or faster: bench/bench_experts.py)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+
+
 class Experts(nn.Module):
     """`num_experts` feed-forward experts stored as batched weights (experts, in, out), no biases.
 
@@ -110,24 +121,49 @@ class Experts(nn.Module):
             width = 2 * d_hidden if activation == "swiglu" else d_hidden
             self.w1 = nn.Parameter(torch.empty(num_experts, d_in, width))
             self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_out))
+        self.grouped_gemm = True  # torch's grouped GEMM where it fits (grouped_fits); False: always the loop
         # nn.Linear's default init, per expert: uniform(+-1/sqrt(fan_in)).
         for w in self.parameters():
             nn.init.uniform_(w, -w.shape[1] ** -0.5, w.shape[1] ** -0.5)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        h = x @ self.w1[e]
-        if self.activation == "linear":
-            return h
-        return activate(h, self.activation) @ self.w2[e]
+        """Expert e applied to x (the reference the batched paths are tested against)."""
+        return self._ffn(x, self.w1[e], self.w2[e] if hasattr(self, "w2") else None)
+
+    def _ffn(self, x: torch.Tensor, w1: torch.Tensor, w2: Optional[torch.Tensor]) -> torch.Tensor:
+        h = x @ w1
+        return h if w2 is None else activate(h, self.activation) @ w2
 
     def forward(self, x: torch.Tensor, counts: list) -> torch.Tensor:
         """x: tokens sorted by local expert, `counts[e]` of them for expert e."""
-        outs = [self.expert(e, chunk) for e, chunk in enumerate(x.split(counts)) if chunk.shape[0]]
-        if outs:
-            return torch.cat(outs)
-        # No token reached these experts. The empty output stays connected to x, so that under expert
-        # parallelism the backward still runs this rank's side of the all-to-all the other ranks wait on.
-        return x.new_zeros(0, self.output_size) + 0 * x.sum()
+        if x.shape[0] == 0:
+            # No token reached these experts. The empty output stays connected to x, so that under expert
+            # parallelism the backward still runs this rank's side of the all-to-all the other ranks wait on.
+            return x.new_zeros(0, self.output_size) + 0 * x.sum()
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        if self.grouped_gemm and self.grouped_fits(x.device, dtype, x.shape[-1]):
+            return self._grouped(x.to(dtype), counts)
+        # unbind: one backward node for all experts (indexing w1[e] would add a full-size gradient per expert).
+        w1 = self.w1.unbind(0)
+        w2 = self.w2.unbind(0) if hasattr(self, "w2") else [None] * len(w1)
+        return torch.cat([self._ffn(chunk, w1[e], w2[e]) for e, chunk in enumerate(x.split(counts))
+                          if chunk.shape[0]])
+
+    def _grouped(self, x: torch.Tensor, counts: list) -> torch.Tensor:
+        """Every local expert in one grouped GEMM per weight (torch's grouped_mm; CUTLASS kernels on CUDA)."""
+        offs = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=x.device)
+        h = F.grouped_mm(x.contiguous(), self.w1.to(x.dtype), offs=offs)
+        if self.activation == "linear":
+            return h
+        return F.grouped_mm(activate(h, self.activation).to(x.dtype).contiguous(), self.w2.to(x.dtype), offs=offs)
+
+    def grouped_fits(self, device: torch.device, dtype: torch.dtype, d_in: int) -> bool:
+        """Whether grouped_mm runs here: a supported device and dtype, and rows 16-byte aligned as its kernels
+        need (every width a multiple of 8 in bf16, of 4 in fp32)."""
+        widths = [d_in, self.w1.shape[-1]] + (list(self.w2.shape[1:]) if hasattr(self, "w2") else [])
+        size = torch.finfo(dtype).bits // 8
+        return grouped_gemm_supported(device, dtype) and all(w * size % 16 == 0 for w in widths)
 
     @property
     def output_size(self) -> int:

@@ -53,6 +53,7 @@ class ShardedExperts(Experts):
     def __init__(self, full: Experts, topo):
         nn.Module.__init__(self)
         self.activation, self.num_experts = full.activation, full.num_experts // topo.ep
+        self.grouped_gemm = full.grouped_gemm
         self.etp_group = topo.etp_group if topo.etp > 1 else None
         if self.activation == "linear" and topo.etp > 1:
             raise ValueError("linear experts (MoE inside Mamba) do not support expert tensor parallelism")

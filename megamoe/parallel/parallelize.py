@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import Config
-from megamoe.model import Block, MambaLM, MambaMixer
+from megamoe.model import Block, Experts, MambaLM, MambaMixer
 from megamoe.parallel.expert_parallel import parallelize_moe
 from megamoe.parallel.sharding import ShardSpec, set_shard_spec, take_shard
 from megamoe.parallel.te import FastPaths, fast_paths, fused_norm, te_linear
@@ -126,6 +126,8 @@ def parallelize_block(block: Block, topo, paths: FastPaths, sp: bool = False) ->
         block.ffn.fc2 = _parallel_linear(block.ffn.fc2, topo, paths, "row", sequence_parallel=sp)
         if sp:
             _sequence_parallel_sublayer(block.ffn, topo, replicated=False)
+    for experts in (m for m in block.modules() if isinstance(m, Experts)):
+        experts.grouped_gemm = paths.grouped_gemm
     if paths.apex_norms is not None:
         block.norm = fused_norm(block.norm, paths.apex_norms)
     if sp:

@@ -2,7 +2,8 @@
 
 - Transformer Engine linears (column / row parallel over the TP group, or plain) in place of megatron-core's
   or torch's, so `training.fp8` can run the GEMMs in FP8 under `te.fp8_autocast`;
-- apex's fused RMSNorm / LayerNorm in place of the PyTorch norms.
+- apex's fused RMSNorm / LayerNorm in place of the PyTorch norms;
+- torch's grouped GEMM for the Switch experts (megamoe.model.moe.Experts), or a loop over them.
 
 `fast_paths(cfg, device)` decides once; `describe()` is the start-up log line that says which path is active.
 """
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from megamoe.config import Config, ConfigError
+from megamoe.model.moe import grouped_gemm_supported
 from megamoe.parallel.sharding import ShardSpec, set_shard_spec, take_shard
 
 
@@ -32,10 +34,12 @@ def _try_import(name: str):
 class FastPaths:
     te: Optional[object] = None  # the transformer_engine.pytorch module, when its linears are used
     apex_norms: Optional[object] = None  # apex.normalization, when its fused norms are used
+    grouped_gemm: bool = False  # experts in torch's grouped GEMM where their widths fit (Experts.grouped_fits)
 
     def describe(self) -> str:
+        experts = "grouped GEMM (torch grouped_mm)" if self.grouped_gemm else "a loop over local experts"
         return (f"linears: {'Transformer Engine' if self.te else 'megatron-core / PyTorch'}; "
-                f"norms: {'apex fused' if self.apex_norms else 'PyTorch'}")
+                f"norms: {'apex fused' if self.apex_norms else 'PyTorch'}; experts: {experts}")
 
 
 def fast_paths(cfg: Config, device: torch.device) -> FastPaths:
@@ -55,7 +59,8 @@ def fast_paths(cfg: Config, device: torch.device) -> FastPaths:
         raise ConfigError(f"training.fp8={cfg.training.fp8!r} needs Transformer Engine on CUDA; it is not in use "
                           "here (not importable, no CUDA device, or training.transformer_engine=off)")
     apex_norms = _try_import("apex.normalization") if device.type == "cuda" else None
-    return FastPaths(te, apex_norms)
+    dtype = torch.bfloat16 if cfg.training.bf16 else torch.float32
+    return FastPaths(te, apex_norms, cfg.training.moe_grouped_gemm and grouped_gemm_supported(device, dtype))
 
 
 def te_linear(linear: nn.Linear, topo, te, mode: Optional[str], partitions: tuple = ()) -> nn.Module:

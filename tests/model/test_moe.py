@@ -1,10 +1,11 @@
 """Switch MoE on hand-checked cases: routing, capacity and dropping, load-balancing and z losses, top-k."""
+import copy
 import math
 
 import pytest
 import torch
 
-from megamoe.model.moe import SwitchMoE, aux_loss_scale, capacity, load_balancing_loss
+from megamoe.model.moe import Experts, SwitchMoE, aux_loss_scale, capacity, load_balancing_loss
 
 # 8 tokens that are one-hot in 4 dims; the router is 10 x identity, so token t goes to expert ROUTE[t].
 ROUTE = [0, 0, 0, 1, 1, 2, 3, 3]
@@ -125,3 +126,69 @@ def test_bf16_autocast_keeps_router_in_float32():
         out = moe(x)
         assert moe.router(x).dtype == torch.float32
     assert out.dtype == torch.bfloat16 and math.isfinite(out.float().sum().item())
+
+
+needs_grouped_mm = pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"),
+                                      reason="torch.nn.functional.grouped_mm needs torch >= 2.9")
+
+
+def _experts_pair(activation, d_in=16, d_hidden=32, d_out=16, num_experts=4):
+    """The same experts twice: one through the grouped GEMM, one through the per-expert loop."""
+    torch.manual_seed(0)
+    grouped = Experts(num_experts, d_in, d_hidden, d_out, activation)
+    loop = copy.deepcopy(grouped)
+    loop.grouped_gemm = False
+    return grouped, loop
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("activation", ["gelu", "swiglu", "linear"])
+def test_grouped_gemm_equals_the_expert_loop(activation):
+    grouped, loop = _experts_pair(activation, d_out=32 if activation == "linear" else 16)
+    assert grouped.grouped_fits(torch.device("cpu"), torch.float32, 16)
+    counts = [5, 0, 9, 2]  # expert 1 receives no token
+    x = torch.randn(sum(counts), 16)
+    grad = torch.randn(sum(counts), grouped.output_size)
+    outs = {}
+    for name, experts in (("grouped", grouped), ("loop", loop)):
+        xi = x.clone().requires_grad_()
+        y = experts(xi, counts)
+        y.backward(grad)
+        outs[name] = [y, xi.grad] + [p.grad for p in experts.parameters()]
+    for got, want in zip(outs["grouped"], outs["loop"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # And each token went through its own expert.
+    want_y = torch.cat([grouped.expert(e, chunk) for e, chunk in enumerate(x.split(counts)) if len(chunk)])
+    torch.testing.assert_close(outs["grouped"][0], want_y, rtol=1e-5, atol=1e-6)
+    assert outs["grouped"][-1][1].abs().sum() == 0  # the idle expert gets a zero gradient
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_grouped_gemm_under_bf16_autocast(device):
+    """On CUDA this is the CUTLASS grouped GEMM that training uses."""
+    grouped, loop = (e.to(device) for e in _experts_pair("gelu", d_in=64, d_hidden=128, d_out=64))
+    assert grouped.grouped_fits(torch.device(device), torch.bfloat16, 64)
+    counts = [70, 30, 0, 60]
+    x = torch.randn(sum(counts), 64, device=device)
+    grad = torch.randn(sum(counts), 64, device=device)
+    outs = []
+    for experts in (grouped, loop):
+        xi = x.clone().requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = experts(xi, counts)
+        y.float().mul(grad).sum().backward()
+        outs.append([y.float(), xi.grad] + [p.grad for p in experts.parameters()])
+        assert y.dtype == torch.bfloat16
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@needs_grouped_mm
+def test_unaligned_widths_fall_back_to_the_loop(monkeypatch):
+    grouped, loop = _experts_pair("gelu", d_in=6, d_hidden=10, d_out=6)  # 24-byte fp32 rows: not 16-aligned
+    assert not grouped.grouped_fits(torch.device("cpu"), torch.float32, 6)
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", None)  # would fail if it were called
+    x = torch.randn(9, 6)
+    torch.testing.assert_close(grouped(x, [2, 3, 4, 0]), loop(x, [2, 3, 4, 0]))

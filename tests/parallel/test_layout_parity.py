@@ -20,21 +20,23 @@ STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB = 3, 4, 1, 16, 64
 
 
 def _config(layout: dict):
-    """The test model in `layout`: parallel config keys (tensor_model_parallel_size, ...), plus zero (ZeRO-1)."""
-    parallel = {k: v for k, v in layout.items() if k != "zero"}
+    """The test model in `layout`: parallel config keys (tensor_model_parallel_size, ...), plus zero (ZeRO-1)
+    and grouped (the experts' grouped GEMM, else their loop)."""
+    parallel = {k: v for k, v in layout.items() if k not in ("zero", "grouped")}
     return config_from_dict({
         "model": {"pattern": "MEMEAF", "d_model": 32, "d_state": 8, "num_experts": 4, "capacity_factor": 0.75,
                   "vocab_size": VOCAB, "num_heads": 4, "z_loss_weight": 0.001},
         "parallel": parallel,
         "data": {"mock": True, "seq_length": SEQ},
-        "training": {"micro_batch_size": MICRO_BATCH, "global_batch_size": GLOBAL_BATCH, "seed": 5},
+        "training": {"micro_batch_size": MICRO_BATCH, "global_batch_size": GLOBAL_BATCH, "seed": 5,
+                     "moe_grouped_gemm": layout["grouped"]},
         "optimizer": {"lr": 1e-2, "lr_warmup_iters": 0}})
 
 
-def layout(tp=1, ep=1, pp=1, vpp=None, schedule="1f1b", sp=False, etp=None, zero=False) -> dict:
+def layout(tp=1, ep=1, pp=1, vpp=None, schedule="1f1b", sp=False, etp=None, zero=False, grouped=True) -> dict:
     return dict(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
                 virtual_pipeline_model_parallel_size=vpp, pipeline_schedule=schedule, sequence_parallel=sp,
-                expert_tensor_parallel_size=etp, zero=zero)
+                expert_tensor_parallel_size=etp, zero=zero, grouped=grouped)
 
 
 def _global_batch(step):
@@ -95,7 +97,8 @@ def _check(results, reference):
             torch.testing.assert_close(r["grads"][name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-TWO_RANKS = {"TP2": layout(tp=2), "EP2": layout(ep=2), "DP2": layout(), "TP2-SP": layout(tp=2, sp=True),
+# The reference runs the experts as one grouped GEMM (where torch has it); EP2-loop runs them one by one.
+TWO_RANKS = {"TP2": layout(tp=2), "EP2": layout(ep=2), "EP2-loop": layout(ep=2, grouped=False), "DP2": layout(), "TP2-SP": layout(tp=2, sp=True),
              "TP2-ETP1": layout(tp=2, etp=1), "PP2-1F1B": layout(pp=2),
              "PP2-interleaved": layout(pp=2, vpp=2, schedule="interleaved_1f1b"),
              "PP2-zero-bubble": layout(pp=2, vpp=2, schedule="zero_bubble")}

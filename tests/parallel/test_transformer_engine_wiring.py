@@ -68,4 +68,8 @@ def test_fp8_without_transformer_engine_says_so():
     cfg = _cfg(fp8="hybrid")
     with pytest.raises(ConfigError, match="needs Transformer Engine"):
         fast_paths(cfg, torch.device("cpu"))
-    assert fast_paths(_cfg(), torch.device("cpu")).describe() == "linears: megatron-core / PyTorch; norms: PyTorch"
+    experts = "grouped GEMM (torch grouped_mm)" if hasattr(torch.nn.functional, "grouped_mm") else "a loop"
+    assert fast_paths(_cfg(), torch.device("cpu")).describe().startswith(
+        f"linears: megatron-core / PyTorch; norms: PyTorch; experts: {experts}")
+    assert fast_paths(_cfg(moe_grouped_gemm=False), torch.device("cpu")).describe().endswith(
+        "experts: a loop over local experts")
