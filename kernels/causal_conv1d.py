@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megamoe.kernels.launch import check_device, interpreting, next_pow2
+from megamoe.kernels.launch import check_device, interpreting, next_pow2, on_device
 
 
 @triton.jit
@@ -157,4 +157,5 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    return CausalConv1dFn.apply(x, weight, bias, activation is not None)
+    with on_device(x.device):
+        return CausalConv1dFn.apply(x, weight, bias, activation is not None)

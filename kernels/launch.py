@@ -6,6 +6,7 @@ configuration (autotuning would only multiply the interpreter's cost); compiled 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, Hashable, List, Sequence
 
 import torch
@@ -29,6 +30,13 @@ def check_device(kernel, name: str, *tensors: torch.Tensor) -> None:
         raise RuntimeError(f"{name}: the Triton kernels need CUDA tensors (got {device}); on CPU use "
                            "megamoe.ops (which picks the PyTorch scan), or set TRITON_INTERPRET=1 before "
                            "importing megamoe.kernels to run them in Triton's interpreter")
+
+
+def on_device(device: torch.device):
+    """Make the tensors' GPU current for a launch: Triton launches on the current device, so tensors on cuda:1
+    while cuda:0 is current would be read on the wrong GPU. (Backward needs no guard: autograd runs a device's
+    backward on a thread with that device current.)"""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def next_pow2(n: int) -> int:

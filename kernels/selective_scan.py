@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megamoe.kernels.launch import check_device, interpreting, next_pow2, sm_count, tuned
+from megamoe.kernels.launch import check_device, interpreting, next_pow2, on_device, sm_count, tuned
 
 MAX_D_STATE = 64
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
@@ -397,5 +397,6 @@ def selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
     # save the chunk states only when a backward can follow (inside forward, grad mode is always off)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (u, delta, A, B, C, D, z, delta_bias))
-    return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                 bool(return_last_state), int(chunk_len), save)
+    with on_device(u.device):
+        return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                     bool(return_last_state), int(chunk_len), save)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megamoe.kernels.launch import check_device, interpreting, next_pow2
+from megamoe.kernels.launch import check_device, interpreting, next_pow2, on_device
 from megamoe.kernels.selective_scan import MAX_D_STATE, _softplus
 
 
@@ -82,10 +82,11 @@ def selective_state_update_triton(state: torch.Tensor, x: torch.Tensor, dt: torc
         block_d = min(block_d, 4)
     zz = z if z is not None else x
     dummy = torch.empty(1, device=x.device, dtype=torch.float32)
-    _state_update_kernel[(batch, triton.cdiv(d_inner, block_d))](
-        state, x, dt, A, B, C, D if D is not None else dummy, zz, dt_bias if dt_bias is not None else dummy, y,
-        d_inner, d_state, state.stride(0), state.stride(1), state.stride(2), x.stride(0), dt.stride(0),
-        zz.stride(0), B.stride(0), C.stride(0),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-        BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4)
+    with on_device(x.device):
+        _state_update_kernel[(batch, triton.cdiv(d_inner, block_d))](
+            state, x, dt, A, B, C, D if D is not None else dummy, zz, dt_bias if dt_bias is not None else dummy,
+            y, d_inner, d_state, state.stride(0), state.stride(1), state.stride(2), x.stride(0), dt.stride(0),
+            zz.stride(0), B.stride(0), C.stride(0),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+            BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4)
     return y

@@ -174,7 +174,8 @@ class Pipeline:
         self.lm_losses.clear()
         for start in range(0, len(batches), self.num_micro):
             self._run(batches[start:start + self.num_micro], train=False)
-        total = torch.tensor([float(sum(self.lm_losses)), float(len(self.lm_losses))], dtype=torch.float64)
+        total = torch.tensor([float(sum(self.lm_losses)), float(len(self.lm_losses))], dtype=torch.float64,
+                             device=self.topo.device)  # NCCL reduces device tensors only
         dist.all_reduce(total, group=self.topo.pp_group)
         return float(total[0] / total[1].clamp(min=1))
 

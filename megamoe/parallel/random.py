@@ -37,10 +37,12 @@ def set_seed(seed: int) -> None:
 
 
 def get_rng_state() -> dict:
-    """Every generator's state, for checkpoints."""
+    """Python's, NumPy's, torch's CPU and this rank's CUDA generator state, for checkpoints."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's device only: a resume may see fewer GPUs (srun --gpus-per-task=1), and the others'
+        # generators belong to other ranks.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -49,4 +51,4 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])

@@ -118,4 +118,8 @@ def fp8_context(cfg: Config):
     if not t.fp8:
         return contextlib.nullcontext()
     recipe = _fp8_recipe(t.fp8, t.fp8_recipe, t.fp8_amax_history_len, t.fp8_margin)
-    return _try_import("transformer_engine.pytorch").fp8_autocast(enabled=True, fp8_recipe=recipe)
+    from megatron.core import parallel_state as ps
+    # Amaxes are reduced over this stage's TP x DP ranks, as megatron-core does: TE's default group, the whole
+    # world, would mix different pipeline stages' layers.
+    group = ps.get_amax_reduction_group(with_context_parallel=True) if ps.model_parallel_is_initialized() else None
+    return _try_import("transformer_engine.pytorch").fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=group)

@@ -2,7 +2,7 @@
 
 Same seed, same data, fp32; Switch capacity small enough that tokens are dropped. Each layout runs 3
 optimizer steps; losses must match one process within 1e-5 relative, and the gradients after step 1,
-gathered to full shape, within float32 tolerance.
+gathered to full shape, within float32 tolerance; so must a validation loss after the last step.
 """
 import pytest
 import torch
@@ -14,7 +14,7 @@ from megamoe.parallel.gather import full_tensors
 from megamoe.parallel.parallelize import build_parallel_model
 from megamoe.testing import run_on_ranks
 from megamoe.training.optimizer import build_optimizer
-from megamoe.training.trainer import make_runner, train_step
+from megamoe.training.trainer import evaluate, make_runner, train_step
 
 STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB = 3, 4, 1, 16, 64
 
@@ -76,8 +76,9 @@ def _train(spec: dict):
             # summed into the first stage's embedding, which the comparison checks.
             named = {n: p for n, p in model.named_parameters() if not getattr(p, "shared_embedding_copy", False)}
             grads = full_tensors(named, topo, grads=True)
+    valid = evaluate(runner, _my_micro_batches(STEPS, topo.dp_rank, topo.dp), cfg, topo)
     state_numel = sum(t.numel() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
-    return dict(losses=losses, dropped=dropped, grads=grads, state_numel=state_numel)
+    return dict(losses=losses, dropped=dropped, grads=grads, valid=valid, state_numel=state_numel)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,7 @@ def _check(results, reference):
     assert all(d > 0 for d in reference["dropped"]), "capacity should drop tokens in this test"
     for r in results:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
+        assert r["valid"] == pytest.approx(reference["valid"], rel=1e-5)  # validation after the 3 steps
         assert r["grads"].keys() == reference["grads"].keys()
         for name, g in reference["grads"].items():
             torch.testing.assert_close(r["grads"][name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

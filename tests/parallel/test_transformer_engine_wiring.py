@@ -64,6 +64,24 @@ def test_fp8_context_uses_the_configured_recipe(monkeypatch):
     assert (recipe.fp8_format.value, recipe.amax_history_len, recipe.margin) == ("e4m3", 16, 1)
 
 
+def _amax_group_ranks(parallel):
+    sys.path.insert(0, FAKE_TE)
+    import torch.distributed as dist
+    import transformer_engine.pytorch as te
+    cfg = _cfg(fp8="e4m3")
+    cfg.parallel.pipeline_model_parallel_size = parallel.get("pp", 1)
+    init_distributed(cfg.parallel)
+    with fp8_context(cfg):
+        pass
+    return dist.get_process_group_ranks(te.FP8_GROUPS[-1])
+
+
+def test_fp8_amax_is_reduced_within_a_pipeline_stage():
+    """Delayed scaling all-reduces amaxes: over DP here, but never across pipeline stages (other layers)."""
+    assert run_on_ranks(_amax_group_ranks, 2, args=({"pp": 2},)) == [[0], [1]]
+    assert run_on_ranks(_amax_group_ranks, 2, args=({},)) == [[0, 1], [0, 1]]
+
+
 def test_fp8_without_transformer_engine_says_so():
     cfg = _cfg(fp8="hybrid")
     with pytest.raises(ConfigError, match="needs Transformer Engine"):

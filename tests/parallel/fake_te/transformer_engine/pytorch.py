@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FP8_RECIPES = []  # every recipe fp8_autocast was entered with
+FP8_GROUPS = []  # ...and its amax reduction group
 
 
 class Linear(nn.Module):
@@ -29,6 +30,7 @@ class Linear(nn.Module):
 
 
 @contextlib.contextmanager
-def fp8_autocast(enabled=True, fp8_recipe=None):
+def fp8_autocast(enabled=True, fp8_recipe=None, fp8_group=None):
     FP8_RECIPES.append(fp8_recipe)
+    FP8_GROUPS.append(fp8_group)
     yield
