@@ -267,9 +267,30 @@ class TrainingConfig:
     fp8_margin: int = 0
     transformer_engine: str = "auto"  # auto: TE linears on CUDA when importable | on | off
     moe_grouped_gemm: bool = True  # experts in one grouped GEMM (torch grouped_mm) where it runs; false: a loop
+    recompute_granularity: Optional[str] = None  # full: keep each block's input only, recompute it in backward
+    recompute_method: str = "uniform"  # uniform: every block | block: the first recompute_num_layers per stage
+    recompute_num_layers: int = 1
     eval_interval: int = 100
     eval_iters: int = 10
     torch_threads: Optional[int] = None  # CPU threads per process; None: cores / local processes
+
+    def _validate_recompute(self) -> None:
+        if self.recompute_granularity is None:
+            return
+        if self.recompute_granularity != "full":
+            raise ConfigError(f"--recompute-granularity={self.recompute_granularity!r}: use full (Megatron's "
+                              "selective recompute targets the attention core, which Mamba blocks do not have)")
+        if self.recompute_method not in ("uniform", "block"):
+            raise ConfigError(f"--recompute-method={self.recompute_method!r}: use uniform or block")
+        if self.recompute_method == "uniform" and self.recompute_num_layers != 1:
+            raise ConfigError(f"--recompute-method uniform --recompute-num-layers {self.recompute_num_layers}: "
+                              "megamoe recomputes block by block, so uniform takes 1 (every block); use "
+                              "--recompute-method block N to recompute the first N blocks of each pipeline stage")
+        if self.recompute_num_layers < 0:
+            raise ConfigError(f"--recompute-num-layers={self.recompute_num_layers} must be >= 0")
+        if self.fp8:
+            raise ConfigError("--recompute-granularity with training.fp8 is not supported: the recomputed forward "
+                              "would run outside fp8_autocast; unset one of them")
 
     def validate(self, world_size: int, parallel: ParallelConfig) -> None:
         for flag, v in (("train-iters", self.train_iters), ("micro-batch-size", self.micro_batch_size),
@@ -295,6 +316,7 @@ class TrainingConfig:
             raise ConfigError(f"training.fp8_recipe={self.fp8_recipe!r}: use delayed or current")
         if self.transformer_engine not in ("auto", "on", "off"):
             raise ConfigError(f"training.transformer_engine={self.transformer_engine!r}: use auto, on or off")
+        self._validate_recompute()
         if self.fp8 and self.transformer_engine == "off":
             raise ConfigError("training.fp8 needs Transformer Engine linears; set training.transformer_engine to "
                               "auto or on, or unset training.fp8")
@@ -384,6 +406,9 @@ MEGATRON_FLAGS = {
     "--seed": "training.seed",
     "--bf16": "training.bf16",
     "--moe-grouped-gemm": "training.moe_grouped_gemm",
+    "--recompute-granularity": "training.recompute_granularity",
+    "--recompute-method": "training.recompute_method",
+    "--recompute-num-layers": "training.recompute_num_layers",
     "--eval-interval": "training.eval_interval",
     "--eval-iters": "training.eval_iters",
     "--seq-length": "data.seq_length",

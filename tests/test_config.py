@@ -77,6 +77,10 @@ def test_unknown_yaml_section_and_key(tmp_path):
     ({"parallel": {"sequence_parallel": True, "tensor_model_parallel_size": 2}, "data": {"seq_length": 33}}, 2,
      "--seq-length 33 is not divisible by --tensor-model-parallel-size 2"),
     ({"training": {"fp8": "hybrid"}, "model": {"d_model": 200}}, 1, r"d_model = 200 is not a multiple of 16"),
+    ({"training": {"recompute_granularity": "selective"}}, 1, "--recompute-granularity='selective': use full"),
+    ({"training": {"recompute_granularity": "full", "recompute_num_layers": 2}}, 1,
+     "uniform takes 1 .* use --recompute-method block N"),
+    ({"training": {"recompute_granularity": "full", "fp8": "hybrid"}}, 1, "with training.fp8 is not supported"),
 ])
 def test_validation_names_key_and_fix(overrides, world, message):
     cfg = _valid(**overrides)
@@ -117,3 +121,14 @@ def test_pipeline_stages_are_checked_before_start_up():
     marks = _valid(model={"pattern": "ME|ME|ME"}, parallel={"pipeline_model_parallel_size": 2})
     with pytest.raises(ConfigError, match="3 '\\|'-separated stages but the pipeline has 2"):
         marks.validate(world_size=2)
+
+
+def test_recompute_block_method_takes_the_first_blocks_of_each_stage():
+    from megamoe.parallel.parallelize import recomputed_blocks
+    cfg = _valid(model={"pattern": "MEME|MEME"}, parallel={"pipeline_model_parallel_size": 2},
+                 training={"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 1})
+    assert recomputed_blocks(cfg) == {0, 4}
+    cfg.training.recompute_method, cfg.training.recompute_num_layers = "uniform", 1
+    assert recomputed_blocks(cfg) == set(range(8))
+    cfg.training.recompute_granularity = None
+    assert recomputed_blocks(cfg) == set()

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from megamoe.config import ModelConfig
@@ -93,7 +94,14 @@ class Block(nn.Module):
     def sublayers(self) -> list:
         return [getattr(self, name) for name in ("mixer", "moe", "attention", "ffn") if hasattr(self, name)]
 
+    recompute = False  # keep only the block's input for backward and recompute the rest (activation recompute)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, h, use_reentrant=False)
+        return self._forward(h)
+
+    def _forward(self, h: torch.Tensor) -> torch.Tensor:
         x = self.norm(h)
         out = h
         for sublayer in self.sublayers():

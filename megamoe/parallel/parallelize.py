@@ -181,4 +181,18 @@ def build_parallel_model(cfg: Config, topo, paths: Optional[FastPaths] = None) -
                     **stage)
     parallelize_embeddings(model, topo, paths, sp)
     mark_shared_embedding_copy(model, topo)
+    for index in recomputed_blocks(cfg) & set(map(int, model.layers)):
+        model.layers[str(index)].recompute = True
     return model.to(topo.device)
+
+
+def recomputed_blocks(cfg: Config) -> set:
+    """Global indices of the blocks recomputed in backward (--recompute-granularity full): every block, or
+    with --recompute-method block the first --recompute-num-layers of each pipeline stage, as Megatron."""
+    from megamoe.parallel.pipeline import stage_blocks
+    t = cfg.training
+    if t.recompute_granularity is None:
+        return set()
+    stages = stage_blocks(cfg)
+    keep = None if t.recompute_method == "uniform" else t.recompute_num_layers
+    return {b for stage in stages for b in stage[:keep]}

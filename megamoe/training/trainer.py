@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megamoe.config import Config, ConfigError
 from megamoe.logging import Progress, get_logger
-from megamoe.model.lm import MoETotals
+from megamoe.model.lm import Block, MoETotals
 from megamoe.model.moe import aux_loss_scale
 from megamoe.parallel import Topology, detect_launch_env, init_distributed, set_seed
 from megamoe.parallel.data_parallel import GradientReducer, clip_gradients
@@ -201,8 +201,10 @@ def train(cfg: Config) -> dict:
     precision = f"FP8 {cfg.training.fp8} ({cfg.training.fp8_recipe} scaling)" if cfg.training.fp8 else (
         "bf16 autocast" if cfg.training.bf16 else "fp32")
     scan = "Triton kernels" if topo.device.type == "cuda" else "chunked PyTorch scan (CPU)"
+    recomputed = sum(b.recompute for b in model.modules() if isinstance(b, Block))
     log.info(f"paths: precision {precision}; {paths.describe()}; scan: {scan}; "
-             f"optimizer: {optimizer_backend(topo.device)}{' + ZeRO-1' if owners else ''}")
+             f"optimizer: {optimizer_backend(topo.device)}{' + ZeRO-1' if owners else ''}; "
+             f"activation recompute: {recomputed} of this rank's blocks")
     log.info("resolved config:\n" + cfg.to_yaml())
     if topo.is_rank0:
         os.makedirs(log_dir, exist_ok=True)

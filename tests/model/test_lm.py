@@ -119,3 +119,39 @@ def test_counts_with_embeddings():
     untied = count_parameters(ModelConfig(pattern="ME", d_model=16, vocab_size=100, num_experts=4, d_expert=48,
                                           tie_embeddings=False))
     assert untied["embedding"] == 3200 and untied["total_non_embedding"] == counts["total_non_embedding"]
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward while fn() runs (what activation recompute cuts)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+def test_recomputed_blocks_give_the_same_gradients_and_keep_less():
+    cfg = ModelConfig(pattern="MEMEAF", d_model=32, d_state=8, vocab_size=64, num_experts=4, num_heads=4,
+                      capacity_factor=0.75, z_loss_weight=1e-3)
+    tokens = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    results = []
+    for recompute in (False, True):
+        model = build_model(cfg, seed=3)
+        calls = []
+        for block in model.layers.values():
+            block.recompute = recompute
+            block.norm.register_forward_hook(lambda *_: calls.append(1))
+        out, kept = _saved_bytes(lambda: model(tokens, labels=tokens))
+        forwards = len(calls)
+        out.loss.backward()
+        results.append((out.loss.item(), {n: p.grad for n, p in model.named_parameters()}, kept,
+                        forwards, len(calls)))
+    (loss, grads, kept, fwd, total), (loss_r, grads_r, kept_r, fwd_r, total_r) = results
+    assert loss_r == pytest.approx(loss, rel=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_r[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert (fwd, total) == (6, 6) and (fwd_r, total_r) == (6, 12)  # each block ran again in backward
+    assert kept_r < 0.25 * kept  # only block inputs (and the head's activations) were kept

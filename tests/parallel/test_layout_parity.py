@@ -20,23 +20,26 @@ STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB = 3, 4, 1, 16, 64
 
 
 def _config(layout: dict):
-    """The test model in `layout`: parallel config keys (tensor_model_parallel_size, ...), plus zero (ZeRO-1)
-    and grouped (the experts' grouped GEMM, else their loop)."""
-    parallel = {k: v for k, v in layout.items() if k not in ("zero", "grouped")}
+    """The test model in `layout`: parallel config keys (tensor_model_parallel_size, ...), plus zero (ZeRO-1),
+    grouped (the experts' grouped GEMM, else their loop) and recompute (activation recompute method)."""
+    parallel = {k: v for k, v in layout.items() if k not in ("zero", "grouped", "recompute")}
+    recompute = layout["recompute"]
     return config_from_dict({
         "model": {"pattern": "MEMEAF", "d_model": 32, "d_state": 8, "num_experts": 4, "capacity_factor": 0.75,
                   "vocab_size": VOCAB, "num_heads": 4, "z_loss_weight": 0.001},
         "parallel": parallel,
         "data": {"mock": True, "seq_length": SEQ},
         "training": {"micro_batch_size": MICRO_BATCH, "global_batch_size": GLOBAL_BATCH, "seed": 5,
-                     "moe_grouped_gemm": layout["grouped"]},
+                     "moe_grouped_gemm": layout["grouped"], "recompute_granularity": recompute and "full",
+                     "recompute_method": recompute or "uniform"},
         "optimizer": {"lr": 1e-2, "lr_warmup_iters": 0}})
 
 
-def layout(tp=1, ep=1, pp=1, vpp=None, schedule="1f1b", sp=False, etp=None, zero=False, grouped=True) -> dict:
+def layout(tp=1, ep=1, pp=1, vpp=None, schedule="1f1b", sp=False, etp=None, zero=False, grouped=True,
+           recompute=None) -> dict:
     return dict(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
                 virtual_pipeline_model_parallel_size=vpp, pipeline_schedule=schedule, sequence_parallel=sp,
-                expert_tensor_parallel_size=etp, zero=zero, grouped=grouped)
+                expert_tensor_parallel_size=etp, zero=zero, grouped=grouped, recompute=recompute)
 
 
 def _global_batch(step):
@@ -103,10 +106,13 @@ def _check(results, reference):
 TWO_RANKS = {"TP2": layout(tp=2), "EP2": layout(ep=2), "EP2-loop": layout(ep=2, grouped=False), "DP2": layout(), "TP2-SP": layout(tp=2, sp=True),
              "TP2-ETP1": layout(tp=2, etp=1), "PP2-1F1B": layout(pp=2),
              "PP2-interleaved": layout(pp=2, vpp=2, schedule="interleaved_1f1b"),
-             "PP2-zero-bubble": layout(pp=2, vpp=2, schedule="zero_bubble")}
+             "PP2-zero-bubble": layout(pp=2, vpp=2, schedule="zero_bubble"),
+             "EP2-recompute": layout(ep=2, recompute="uniform"),
+             "PP2-zero-bubble-recompute": layout(pp=2, vpp=2, schedule="zero_bubble", recompute="block")}
 FOUR_RANKS = {"TP2xEP2": layout(tp=2, ep=2), "PP2xEP2": layout(ep=2, pp=2), "TP2xPP2": layout(tp=2, pp=2),
               "TP2xEP2-SP": layout(tp=2, ep=2, sp=True), "TP2xPP2-SP": layout(tp=2, pp=2, sp=True),
-              "TP2xEP2-ETP1": layout(tp=2, ep=2, etp=1)}
+              "TP2xEP2-ETP1": layout(tp=2, ep=2, etp=1),
+              "TP2xEP2-SP-recompute": layout(tp=2, ep=2, sp=True, recompute="uniform")}
 
 
 @pytest.mark.parametrize("name", TWO_RANKS)
