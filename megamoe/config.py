@@ -270,6 +270,9 @@ class TrainingConfig:
     recompute_granularity: Optional[str] = None  # full: keep each block's input only, recompute it in backward
     recompute_method: str = "uniform"  # uniform: every block | block: the first recompute_num_layers per stage
     recompute_num_layers: int = 1
+    exit_signal_handler: bool = False  # on SIGTERM: finish the step, save (--save), exit cleanly
+    exit_duration_in_mins: Optional[float] = None  # save and exit after this many minutes of training
+    exit_interval: Optional[int] = None  # save and exit when the step is a multiple of this
     eval_interval: int = 100
     eval_iters: int = 10
     torch_threads: Optional[int] = None  # CPU threads per process; None: cores / local processes
@@ -317,6 +320,10 @@ class TrainingConfig:
         if self.transformer_engine not in ("auto", "on", "off"):
             raise ConfigError(f"training.transformer_engine={self.transformer_engine!r}: use auto, on or off")
         self._validate_recompute()
+        if self.exit_interval is not None and self.exit_interval < 1:
+            raise ConfigError(f"--exit-interval={self.exit_interval} must be >= 1")
+        if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:
+            raise ConfigError(f"--exit-duration-in-mins={self.exit_duration_in_mins} must be > 0")
         if self.fp8 and self.transformer_engine == "off":
             raise ConfigError("training.fp8 needs Transformer Engine linears; set training.transformer_engine to "
                               "auto or on, or unset training.fp8")
@@ -368,6 +375,10 @@ class Config:
             self.data.validate()
         if self.checkpoint.load and not os.path.exists(self.checkpoint.load):
             raise ConfigError(f"--load: {self.checkpoint.load} does not exist")
+        t = self.training
+        if (t.exit_signal_handler or t.exit_duration_in_mins) and not self.checkpoint.save:
+            flag = "--exit-signal-handler" if t.exit_signal_handler else "--exit-duration-in-mins"
+            raise ConfigError(f"{flag} stops the run early to resume it later: give --save DIR for its checkpoint")
 
     def _validate_fp8_shapes(self) -> None:
         """FP8 GEMMs in Transformer Engine need every matrix dimension a multiple of 16."""
@@ -409,6 +420,9 @@ MEGATRON_FLAGS = {
     "--recompute-granularity": "training.recompute_granularity",
     "--recompute-method": "training.recompute_method",
     "--recompute-num-layers": "training.recompute_num_layers",
+    "--exit-signal-handler": "training.exit_signal_handler",
+    "--exit-duration-in-mins": "training.exit_duration_in_mins",
+    "--exit-interval": "training.exit_interval",
     "--eval-interval": "training.eval_interval",
     "--eval-iters": "training.eval_iters",
     "--seq-length": "data.seq_length",

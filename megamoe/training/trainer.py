@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -147,6 +148,47 @@ def evaluate(runner, batches, cfg: Config, topo: Topology) -> float:
     return float(_mean_over_dp(torch.tensor([loss], dtype=torch.float64), topo))
 
 
+class EarlyExit:
+    """Megatron's clean early exits: at a SIGTERM (--exit-signal-handler; Slurm's `--signal=TERM@120`, or
+    torchrun's agent, which forwards it and waits 30 s), after --exit-duration-in-mins, or every
+    --exit-interval steps. The run saves a checkpoint (with --save) and returns; every rank stops at the same
+    step, since a signal or a clock reaches the ranks at different steps."""
+
+    def __init__(self, cfg: Config, topo: Topology):
+        self.cfg, self.topo = cfg.training, topo
+        self.signalled = False
+        self.start = time.monotonic()
+        self._previous = None
+        if self.cfg.exit_signal_handler:
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True
+
+    def reason(self, step: int) -> str | None:
+        """Why the run stops after `step`, the same on every rank; None to go on."""
+        t = self.cfg
+        if t.exit_signal_handler or t.exit_duration_in_mins:
+            late = t.exit_duration_in_mins and time.monotonic() - self.start > 60 * t.exit_duration_in_mins
+            flag = torch.tensor([2 if self.signalled else 1 if late else 0], device=self.topo.device)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() == 2:
+                return "SIGTERM received (--exit-signal-handler)"
+            if flag.item() == 1:
+                return f"--exit-duration-in-mins {t.exit_duration_in_mins} reached"
+        if t.exit_interval and step % t.exit_interval == 0:
+            return f"--exit-interval {t.exit_interval}"
+        return None
+
+    def __enter__(self) -> EarlyExit:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def _set_threads(cfg: Config, local_world_size: int) -> None:
     if torch.cuda.is_available():
         return
@@ -222,30 +264,36 @@ def train(cfg: Config) -> dict:
     interval = IntervalMeans()
     record = {}
     model.train()
-    while state.step < tcfg.train_iters:
-        start = time.perf_counter()
-        batches = [next(train_iter) for _ in range(num_micro)]
-        record = train_step(runner, optimizer, batches, cfg, topo, lr_at(state.step, cfg.optimizer, tcfg.train_iters),
-                            owners)
-        state.step += 1
-        state.consumed_train_samples += tcfg.global_batch_size
-        elapsed = time.perf_counter() - start
-        record.update(step=state.step, consumed_samples=state.consumed_train_samples, step_time_s=elapsed)
-        interval.add(record, tokens_per_step)
-        if not all(math.isfinite(record[k]) for k in ("loss", "grad_norm")):
-            raise FloatingPointError(f"step {state.step}: loss {record['loss']} / grad norm {record['grad_norm']} "
-                                     "is not finite; lower --lr or check the data")
-        last = state.step == tcfg.train_iters
-        if tcfg.eval_interval and (state.step % tcfg.eval_interval == 0 or last) and valid_batches:
-            record["valid_loss"] = evaluate(runner, valid_batches(), cfg, topo)
-            record["valid_ppl"] = math.exp(min(record["valid_loss"], 50.0))
-            state.history.append((state.step, record["valid_loss"]))
-        if state.step % cfg.logging.log_interval == 0 or last or "valid_loss" in record:
-            record = interval.means(record)
-            run_log.log(record, progress)
-        if cfg.checkpoint.save and (last or (cfg.checkpoint.save_interval
-                                             and state.step % cfg.checkpoint.save_interval == 0)):
-            checkpoint.save(cfg.checkpoint.save, model, optimizer, state, cfg, topo)
+    stop = None
+    with EarlyExit(cfg, topo) as early_exit:
+        while state.step < tcfg.train_iters and not stop:
+            start = time.perf_counter()
+            batches = [next(train_iter) for _ in range(num_micro)]
+            lr = lr_at(state.step, cfg.optimizer, tcfg.train_iters)
+            record = train_step(runner, optimizer, batches, cfg, topo, lr, owners)
+            state.step += 1
+            state.consumed_train_samples += tcfg.global_batch_size
+            elapsed = time.perf_counter() - start
+            record.update(step=state.step, consumed_samples=state.consumed_train_samples, step_time_s=elapsed)
+            interval.add(record, tokens_per_step)
+            if not all(math.isfinite(record[k]) for k in ("loss", "grad_norm")):
+                raise FloatingPointError(f"step {state.step}: loss {record['loss']} / grad norm "
+                                         f"{record['grad_norm']} is not finite; lower --lr or check the data")
+            stop = early_exit.reason(state.step) if state.step < tcfg.train_iters else None
+            last = state.step == tcfg.train_iters
+            if tcfg.eval_interval and (state.step % tcfg.eval_interval == 0 or last) and valid_batches:
+                record["valid_loss"] = evaluate(runner, valid_batches(), cfg, topo)
+                record["valid_ppl"] = math.exp(min(record["valid_loss"], 50.0))
+                state.history.append((state.step, record["valid_loss"]))
+            if state.step % cfg.logging.log_interval == 0 or last or stop or "valid_loss" in record:
+                record = interval.means(record)
+                run_log.log(record, progress)
+            if cfg.checkpoint.save and (last or stop or (cfg.checkpoint.save_interval
+                                                         and state.step % cfg.checkpoint.save_interval == 0)):
+                checkpoint.save(cfg.checkpoint.save, model, optimizer, state, cfg, topo)
+    if stop:
+        saved = f"; checkpoint in {cfg.checkpoint.save}, resume with --load" if cfg.checkpoint.save else ""
+        log.info(f"stopping early at step {state.step} of {tcfg.train_iters}: {stop}{saved}")
     plot = run_log.close()
-    return dict(final=record, log_dir=log_dir, plot=plot, step=state.step,
+    return dict(final=record, log_dir=log_dir, plot=plot, step=state.step, stopped=stop,
                 checkpoint=cfg.checkpoint.save, metrics=run_log.metrics.path)
