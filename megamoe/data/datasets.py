@@ -236,7 +236,7 @@ def build_data_iterators(cfg, dp_rank: int, dp_size: int, consumed_train_samples
                                           num_valid, cache_path or getattr(d, "cache_path", None))
     sampler = MicroBatchSampler(num_train, consumed_train_samples, mbs, gbs, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=d.num_workers)
+                                         num_workers=d.num_workers, pin_memory=torch.cuda.is_available())
     log.info(f"data: {num_train} train samples of {d.seq_length + 1} tokens"
              + (f", {num_valid} valid samples" if valid is not None else ", no validation")
              + (" (mock random tokens)" if d.mock else f" from {' '.join(map(str, d.data_path))}")

@@ -75,9 +75,8 @@ class MicroBatches:
         self.model, self.cfg, self.topo = model, cfg, topo
 
     def _forward(self, batch):
-        device = self.topo.device
-        return self.model(batch["tokens"].to(device), labels=batch["labels"].to(device),
-                          loss_mask=batch["loss_mask"].to(device))
+        batch = {k: v.to(self.topo.device, non_blocking=True) for k, v in batch.items()}  # from pinned memory
+        return self.model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
 
     def forward_backward(self, batches: list) -> tuple:
         """Sums over micro-batches of [lm loss, aux loss, z loss, dropped, assignments], tokens per expert."""
