@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import resource
 from typing import Optional
+
+import torch
 
 from megamoe.config import Config
 from megamoe.logging import MetricsWriter, Progress, get_logger, read_metrics
@@ -20,6 +23,13 @@ def flops_per_token(counts: dict, cfg: Config) -> float:
     scan = m.pattern.count("M") * 9 * m.d_inner * m.d_state * 3
     matmul = counts["active_non_embedding"] + m.vocab_size * m.d_model
     return 6.0 * matmul + attention + scan
+
+
+def peak_memory_gb(device) -> float:
+    """This process's peak memory so far: allocated on the GPU, or resident (RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
 class IntervalMeans:
@@ -69,6 +79,7 @@ class RunLogger:
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (peak * 1e12 * self.topo.world_size)
         if not self.topo.is_rank0:
             return
+        record["peak_mem_gb"] = peak_memory_gb(self.topo.device)
         log.info(progress.line(record["step"], record)
                  + (f" | valid {record['valid_loss']:.4f}" if "valid_loss" in record else ""))
         self.metrics.write(record)

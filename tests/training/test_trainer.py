@@ -40,8 +40,9 @@ def test_tiny_run_loss_falls_and_writes_metrics(tiny_corpus, tmp_path, quiet_env
     first, last = records[0], records[-1]
     assert last["lm_loss"] < first["lm_loss"] - 1.0, (first["lm_loss"], last["lm_loss"])
     for key in ("step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s",
-                "consumed_samples", "fraction_dropped", "expert_load_max_over_mean", "mfu"):
+                "consumed_samples", "fraction_dropped", "expert_load_max_over_mean", "mfu", "peak_mem_gb"):
         assert key in last, key
+    assert 0.05 < last["peak_mem_gb"] < 24  # this process's RSS: the interpreter and torch are above 50 MB
     assert 0 < last["mfu"] < 1  # against a 1 TFLOP/s peak
     # 2 MoE layers x 8 x 64 tokens per step, top-1: every assignment counted once (before dropping)
     assert len(last["tokens_per_expert"]) == 4 and sum(last["tokens_per_expert"]) == 2 * 8 * 64
