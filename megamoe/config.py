@@ -335,6 +335,7 @@ class CheckpointConfig:
     load: Optional[str] = None
     save_interval: Optional[int] = None  # None: only at the end of training
     keep_last: Optional[int] = None  # None: keep all
+    finetune: bool = False  # --load the weights only: step 0, a new optimizer and schedule, the data from the start
 
 
 @dataclass
@@ -375,6 +376,8 @@ class Config:
             self.data.validate()
         if self.checkpoint.load and not os.path.exists(self.checkpoint.load):
             raise ConfigError(f"--load: {self.checkpoint.load} does not exist")
+        if self.checkpoint.finetune and not self.checkpoint.load:
+            raise ConfigError("--finetune starts from the weights of a checkpoint: give --load DIR")
         t = self.training
         if (t.exit_signal_handler or t.exit_duration_in_mins) and not self.checkpoint.save:
             flag = "--exit-signal-handler" if t.exit_signal_handler else "--exit-duration-in-mins"
@@ -442,6 +445,7 @@ MEGATRON_FLAGS = {
     "--save": "checkpoint.save",
     "--load": "checkpoint.load",
     "--save-interval": "checkpoint.save_interval",
+    "--finetune": "checkpoint.finetune",
     "--log-interval": "logging.log_interval",
     "--num-experts": "model.num_experts",
     "--hidden-size": "model.d_model",

@@ -81,6 +81,7 @@ def test_unknown_yaml_section_and_key(tmp_path):
     ({"training": {"recompute_granularity": "full", "recompute_num_layers": 2}}, 1,
      "uniform takes 1 .* use --recompute-method block N"),
     ({"training": {"recompute_granularity": "full", "fp8": "hybrid"}}, 1, "with training.fp8 is not supported"),
+    ({"checkpoint": {"finetune": True}}, 1, "--finetune starts from the weights of a checkpoint: give --load DIR"),
 ])
 def test_validation_names_key_and_fix(overrides, world, message):
     cfg = _valid(**overrides)

@@ -231,7 +231,10 @@ def train(cfg: Config) -> dict:
     owners = ParamOwners(model.parameters(), topo) if cfg.parallel.distributed_optimizer else None
     optimizer = build_optimizer(model, cfg.optimizer, topo.device, keep=owners.owns if owners else None)
     state = TrainState()
-    if cfg.checkpoint.load:
+    if cfg.checkpoint.load and cfg.checkpoint.finetune:  # the weights only: step, optimizer and data start anew
+        checkpoint.load(cfg.checkpoint.load, model, None, cfg, topo)
+        log.info(f"finetuning from the weights in {cfg.checkpoint.load}, from step 0 with a new optimizer")
+    elif cfg.checkpoint.load:
         state = checkpoint.load(cfg.checkpoint.load, model, optimizer, cfg, topo)
 
     log_dir = _log_dir(cfg)

@@ -146,3 +146,21 @@ def test_two_process_expert_parallel_quickstart_config_trains(tiny_corpus, tmp_p
     assert "EP 2" in out.stdout
     records = [r for r in read_metrics(str(run)) if "lm_loss" in r]
     assert records[-1]["lm_loss"] < records[0]["lm_loss"] - 1.0
+
+
+def test_finetune_starts_from_the_weights_at_step_zero(tiny_corpus, tmp_path, quiet_env):
+    try:
+        pretrained = train(_tiny(tiny_corpus, tmp_path / "pre", training={"train_iters": 30, "eval_interval": 0},
+                                 checkpoint={"save": str(tmp_path / "pre" / "ckpt")}))
+        destroy_distributed()
+        summary = train(_tiny(tiny_corpus, tmp_path / "fine", training={"train_iters": 3, "eval_interval": 0},
+                              checkpoint={"load": str(tmp_path / "pre" / "ckpt"), "finetune": True},
+                              logging={"log_interval": 1}))
+    finally:
+        destroy_distributed()
+    first_pre = read_metrics(pretrained["metrics"])[0]
+    records = read_metrics(summary["metrics"])
+    assert [r["step"] for r in records] == [1, 2, 3] and records[0]["consumed_samples"] == 8
+    # The first step already has the pretrained model's loss, far below a new model's (about ln 1024 = 6.9).
+    assert records[0]["lm_loss"] < first_pre["lm_loss"] - 1.0
+    assert records[0]["lm_loss"] < pretrained["final"]["lm_loss"] + 0.5
