@@ -261,6 +261,12 @@ class TrainingConfig:
     global_batch_size: int = 8
     seed: int = 1234
     bf16: bool = False
+    fp16: bool = False  # float16 autocast with loss scaling, for GPUs without bf16
+    loss_scale: Optional[float] = None  # --fp16: a constant loss scale; None: dynamic, as below
+    initial_loss_scale: float = 2.0 ** 32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000  # steps without overflow before the scale doubles
+    hysteresis: int = 2  # overflowing steps before the scale halves
     fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine)
     fp8_recipe: str = "delayed"  # delayed (amax history) | current (per-tensor current scaling, TE >= 2.2)
     fp8_amax_history_len: int = 1024
@@ -276,6 +282,19 @@ class TrainingConfig:
     eval_interval: int = 100
     eval_iters: int = 10
     torch_threads: Optional[int] = None  # CPU threads per process; None: cores / local processes
+
+    def _validate_fp16(self) -> None:
+        if self.fp16 and self.bf16:
+            raise ConfigError("--fp16 and --bf16 are both set; choose one")
+        if self.fp16 and self.fp8:
+            raise ConfigError("training.fp8 runs with --bf16 here; drop --fp16")
+        for flag, value in (("loss-scale", self.loss_scale), ("initial-loss-scale", self.initial_loss_scale),
+                            ("min-loss-scale", self.min_loss_scale)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{flag}={value} must be > 0")
+        if self.loss_scale_window < 1 or self.hysteresis < 1:
+            raise ConfigError(f"--loss-scale-window={self.loss_scale_window} and --hysteresis={self.hysteresis} "
+                              "must be >= 1")
 
     def _validate_recompute(self) -> None:
         if self.recompute_granularity is None:
@@ -320,6 +339,7 @@ class TrainingConfig:
         if self.transformer_engine not in ("auto", "on", "off"):
             raise ConfigError(f"training.transformer_engine={self.transformer_engine!r}: use auto, on or off")
         self._validate_recompute()
+        self._validate_fp16()
         if self.exit_interval is not None and self.exit_interval < 1:
             raise ConfigError(f"--exit-interval={self.exit_interval} must be >= 1")
         if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:
@@ -419,6 +439,12 @@ MEGATRON_FLAGS = {
     "--train-iters": "training.train_iters",
     "--seed": "training.seed",
     "--bf16": "training.bf16",
+    "--fp16": "training.fp16",
+    "--loss-scale": "training.loss_scale",
+    "--initial-loss-scale": "training.initial_loss_scale",
+    "--min-loss-scale": "training.min_loss_scale",
+    "--loss-scale-window": "training.loss_scale_window",
+    "--hysteresis": "training.hysteresis",
     "--moe-grouped-gemm": "training.moe_grouped_gemm",
     "--recompute-granularity": "training.recompute_granularity",
     "--recompute-method": "training.recompute_method",

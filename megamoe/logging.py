@@ -97,8 +97,10 @@ class Progress:
         for key, label, fmt in (("loss", "loss", ".4f"), ("lm_loss", "lm", ".4f"), ("aux_loss", "aux", ".4f"),
                                 ("lr", "lr", ".2e"), ("grad_norm", "gnorm", ".3f"),
                                 ("tokens_per_s", "tok/s", ",.0f"), ("mfu", "mfu", ".1%"),
-                                ("peak_mem_gb", "mem GB", ".2f")):
+                                ("loss_scale", "loss scale", "g"), ("peak_mem_gb", "mem GB", ".2f")):
             if record.get(key) is not None:
                 parts.append(f"{label} {format(record[key], fmt)}")
+        if record.get("skipped_step"):
+            parts.append("skipped: fp16 gradients overflowed")
         parts.append(f"ETA {format_duration(self.eta(step))}")
         return " | ".join(parts)

@@ -118,6 +118,7 @@ class Pipeline:
     def __init__(self, lm: MambaLM, cfg: Config, topo, num_micro: int):
         from torch.distributed.pipelining import PipelineStage
         self.model, self.lm, self.cfg, self.topo, self.num_micro = lm, lm, cfg, topo, num_micro
+        self.loss_scale = 1.0  # what the LM loss is multiplied by before backward (--fp16)
         stages = stage_blocks(cfg)
         self.virtual = len(stages) // topo.pp
         mine = list(range(topo.pp_rank, len(stages), topo.pp))
@@ -148,7 +149,7 @@ class Pipeline:
         """target: (batch, 2, L) = labels and loss mask, packed so the schedule splits them together."""
         lm_loss = masked_mean(self.lm.cross_entropy(logits, target[:, 0]), target[:, 1])
         self.lm_losses.append(lm_loss.detach())
-        return lm_loss / self.num_micro
+        return lm_loss * (self.loss_scale / self.num_micro)
 
     def _run(self, batches: list, train: bool) -> None:
         device = self.topo.device

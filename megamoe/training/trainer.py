@@ -25,6 +25,7 @@ from megamoe.parallel import Topology, detect_launch_env, init_distributed, set_
 from megamoe.parallel.data_parallel import GradientReducer, clip_gradients
 from megamoe.parallel.distributed_optimizer import ParamOwners
 from megamoe.parallel.te import fast_paths, fp8_context
+from megamoe.training.loss_scale import LossScaler
 from megamoe.training.optimizer import build_optimizer, optimizer_backend
 from megamoe.training.schedule import lr_at
 
@@ -38,6 +39,7 @@ class TrainState:
     step: int = 0
     consumed_train_samples: int = 0
     history: list = field(default_factory=list)  # (step, valid_loss) of past evaluations, for the plot
+    loss_scaler: dict = field(default_factory=dict)  # --fp16's dynamic loss scale (LossScaler.state_dict)
 
 
 def resolve_vocab_size(cfg: Config, tokenizer_vocab: int | None, tp: int) -> int:
@@ -55,8 +57,8 @@ def resolve_vocab_size(cfg: Config, tokenizer_vocab: int | None, tp: int) -> int
 
 
 def _autocast(cfg: Config, device: torch.device):
-    if cfg.training.bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if cfg.training.bf16 or cfg.training.fp16:
+        return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.training.bf16 else torch.float16)
     return contextlib.nullcontext()
 
 
@@ -73,6 +75,7 @@ class MicroBatches:
 
     def __init__(self, model, cfg: Config, topo: Topology):
         self.model, self.cfg, self.topo = model, cfg, topo
+        self.loss_scale = 1.0  # what the LM loss is multiplied by before backward (--fp16)
 
     def _forward(self, batch):
         batch = {k: v.to(self.topo.device, non_blocking=True) for k, v in batch.items()}  # from pinned memory
@@ -83,7 +86,7 @@ class MicroBatches:
         lm_loss, moe = 0.0, MoETotals(self.cfg.model.num_experts)
         for batch in batches:
             out = self._forward(batch)
-            (out.lm_loss / len(batches)).backward()
+            (out.lm_loss * (self.loss_scale / len(batches))).backward()
             lm_loss += out.lm_loss.item()
             moe.add(out.aux_loss, out.z_loss, out.moe_stats)
         return torch.cat([torch.tensor([lm_loss], dtype=torch.float64), moe.sums]), moe.tokens_per_expert
@@ -108,26 +111,40 @@ def make_runner(model, cfg: Config, topo: Topology):
     return runner
 
 
-def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: float, owners=None) -> dict:
+def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: float, owners=None,
+               scaler=None) -> dict:
     """One optimizer step over `batches` (this rank's micro-batches); returns step metrics.
-    `owners` (ZeRO-1): the optimizer steps only this rank's parameters, then they are broadcast."""
+    `owners` (ZeRO-1): the optimizer steps only this rank's parameters, then they are broadcast.
+    `scaler` (--fp16): the losses are multiplied by its scale, the gradients divided by it after reduction,
+    and a step whose gradient norm is not finite is skipped (on every rank: the norm is global)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     runner.model.zero_grad(set_to_none=True)
     runner.reducer.start(len(batches))
-    # The MoE losses are scaled as the LM loss is: 1 / micro-batches.
-    with _autocast(cfg, topo.device), fp8_context(cfg), aux_loss_scale(1.0 / len(batches)):
+    runner.loss_scale = scaler.scale if scaler else 1.0
+    # The MoE losses are scaled as the LM loss is: 1 / micro-batches (x the loss scale).
+    with _autocast(cfg, topo.device), fp8_context(cfg), aux_loss_scale(runner.loss_scale / len(batches)):
         sums, tokens_per_expert = runner.forward_backward(batches)
     runner.reducer.finish()
     runner.sync_shared_grads()
     params = [p for p in runner.model.parameters() if p.requires_grad]
+    if scaler:
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(runner.loss_scale)
     grad_norm = clip_gradients(params, cfg.optimizer.clip_grad, topo)
-    optimizer.step()
-    if owners is not None:
-        owners.broadcast()
+    skipped = scaler is not None and not math.isfinite(grad_norm)
+    if not skipped:
+        optimizer.step()
+        if owners is not None:
+            owners.broadcast()
+    if scaler:
+        scaler.update(overflow=skipped)
     sums = _mean_over_dp(torch.cat([sums, tokens_per_expert]), topo)
     lm, aux, z = (sums[:3] / len(batches)).tolist()
     record = dict(loss=lm + aux + z, lm_loss=lm, aux_loss=aux, z_loss=z, lr=lr, grad_norm=grad_norm)
+    if scaler:
+        record.update(loss_scale=runner.loss_scale, skipped_step=int(skipped))
     if sums[4] > 0:
         load = sums[5:]
         record["fraction_dropped"] = float(sums[3] / sums[4])
@@ -236,6 +253,9 @@ def train(cfg: Config) -> dict:
         log.info(f"finetuning from the weights in {cfg.checkpoint.load}, from step 0 with a new optimizer")
     elif cfg.checkpoint.load:
         state = checkpoint.load(cfg.checkpoint.load, model, optimizer, cfg, topo)
+    scaler = LossScaler.from_config(cfg.training)
+    if scaler:
+        scaler.load_state_dict(state.loss_scaler)
 
     log_dir = _log_dir(cfg)
     counts = count_parameters(cfg.model)
@@ -243,7 +263,8 @@ def train(cfg: Config) -> dict:
     log.info(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token "
              f"(pattern {cfg.model.pattern})")
     precision = f"FP8 {cfg.training.fp8} ({cfg.training.fp8_recipe} scaling)" if cfg.training.fp8 else (
-        "bf16 autocast" if cfg.training.bf16 else "fp32")
+        "bf16 autocast" if cfg.training.bf16 else
+        f"fp16 autocast, loss scale {scaler.scale:g}{'' if scaler.dynamic else ' (constant)'}" if scaler else "fp32")
     scan = "Triton kernels" if topo.device.type == "cuda" else "chunked PyTorch scan (CPU)"
     recomputed = sum(b.recompute for b in model.modules() if isinstance(b, Block))
     log.info(f"paths: precision {precision}; {paths.describe()}; scan: {scan}; "
@@ -272,13 +293,14 @@ def train(cfg: Config) -> dict:
             start = time.perf_counter()
             batches = [next(train_iter) for _ in range(num_micro)]
             lr = lr_at(state.step, cfg.optimizer, tcfg.train_iters)
-            record = train_step(runner, optimizer, batches, cfg, topo, lr, owners)
+            record = train_step(runner, optimizer, batches, cfg, topo, lr, owners, scaler)
             state.step += 1
             state.consumed_train_samples += tcfg.global_batch_size
             elapsed = time.perf_counter() - start
             record.update(step=state.step, consumed_samples=state.consumed_train_samples, step_time_s=elapsed)
             interval.add(record, tokens_per_step)
-            if not all(math.isfinite(record[k]) for k in ("loss", "grad_norm")):
+            if not math.isfinite(record["loss"]) or not (math.isfinite(record["grad_norm"])
+                                                         or record.get("skipped_step")):
                 raise FloatingPointError(f"step {state.step}: loss {record['loss']} / grad norm "
                                          f"{record['grad_norm']} is not finite; lower --lr or check the data")
             stop = early_exit.reason(state.step) if state.step < tcfg.train_iters else None
@@ -292,6 +314,7 @@ def train(cfg: Config) -> dict:
                 run_log.log(record, progress)
             if cfg.checkpoint.save and (last or stop or (cfg.checkpoint.save_interval
                                                          and state.step % cfg.checkpoint.save_interval == 0)):
+                state.loss_scaler = scaler.state_dict() if scaler else {}
                 checkpoint.save(cfg.checkpoint.save, model, optimizer, state, cfg, topo)
     if stop:
         saved = f"; checkpoint in {cfg.checkpoint.save}, resume with --load" if cfg.checkpoint.save else ""

@@ -103,7 +103,8 @@ def _check(results, reference):
 
 
 # The reference runs the experts as one grouped GEMM (where torch has it); EP2-loop runs them one by one.
-TWO_RANKS = {"TP2": layout(tp=2), "EP2": layout(ep=2), "EP2-loop": layout(ep=2, grouped=False), "DP2": layout(), "TP2-SP": layout(tp=2, sp=True),
+TWO_RANKS = {"TP2": layout(tp=2), "EP2": layout(ep=2), "EP2-loop": layout(ep=2, grouped=False), "DP2": layout(),
+             "TP2-SP": layout(tp=2, sp=True),
              "TP2-ETP1": layout(tp=2, etp=1), "PP2-1F1B": layout(pp=2),
              "PP2-interleaved": layout(pp=2, vpp=2, schedule="interleaved_1f1b"),
              "PP2-zero-bubble": layout(pp=2, vpp=2, schedule="zero_bubble"),
