@@ -356,6 +356,8 @@ class CheckpointConfig:
     save_interval: Optional[int] = None  # None: only at the end of training
     keep_last: Optional[int] = None  # None: keep all
     finetune: bool = False  # --load the weights only: step 0, a new optimizer and schedule, the data from the start
+    no_load_optim: bool = False  # resume (step, data, RNG) with a new optimizer: e.g. from a model-only checkpoint
+    no_load_rng: bool = False  # resume without the checkpoint's random generators
 
 
 @dataclass
@@ -472,6 +474,8 @@ MEGATRON_FLAGS = {
     "--load": "checkpoint.load",
     "--save-interval": "checkpoint.save_interval",
     "--finetune": "checkpoint.finetune",
+    "--no-load-optim": "checkpoint.no_load_optim",
+    "--no-load-rng": "checkpoint.no_load_rng",
     "--log-interval": "logging.log_interval",
     "--num-experts": "model.num_experts",
     "--hidden-size": "model.d_model",

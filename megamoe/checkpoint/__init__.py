@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+from typing import Optional
 
 import torch
 
@@ -145,18 +146,19 @@ def _apply_optimizer_state(optimizer, states: dict, marker: dict) -> None:
     optimizer.load_state_dict(sd)
 
 
-def load(path: str, model, optimizer, cfg: Config, topo, verify: bool = True):
+def load(path: str, model, optimizer, cfg: Config, topo, verify: bool = True, rng: Optional[bool] = None):
     """Load a checkpoint (or `path`'s latest) into this rank's model, and optimizer when given, in any
     layout; returns the saved TrainState. Every rank calls it. verify: check file sizes and CRC32s first.
-    Resuming (an optimizer given) also restores the random generators; a model-only load (inference, export)
-    leaves the caller's alone."""
+    rng: restore the random generators; by default when resuming (an optimizer given), while a model-only
+    load (inference, export) leaves the caller's alone."""
     from megamoe.training.trainer import TrainState
 
     path = resolve(path)
     marker = read_marker(path)
     check_model_config(marker, cfg, path)
     if optimizer is not None and not marker.get("optimizer", True):
-        raise CheckpointError(f"--load: {path} holds no optimizer state (saved model-only); load it model-only")
+        raise CheckpointError(f"--load: {path} holds no optimizer state (saved model-only); add --no-load-optim "
+                              "to resume with a new optimizer, or --finetune to start over from its weights")
     # Every rank checks what it can and the problems are shared, so no rank waits in a collective for
     # one that gave up.
     problems, entries, states = check_files(path, marker.get("files", {}), topo, checksums=verify), {}, {}
@@ -176,11 +178,12 @@ def load(path: str, model, optimizer, cfg: Config, topo, verify: bool = True):
         read_entries(path, entries, topo)
     if optimizer is not None:
         _apply_optimizer_state(optimizer, states, marker)
+    if optimizer is not None if rng is None else rng:  # by default with the optimizer, else as told
         rank = rank_and_world(topo)[0]
         same_layout = marker.get("layout") == layout_of(topo)
-        rng = os.path.join(path, f"rng_rank{rank if same_layout else 0}.pt")
-        if os.path.isfile(rng):  # every rank draws the same streams (parallel/random.py): rank 0's fit any layout
-            set_rng_state(torch.load(rng, weights_only=False))
+        rng_file = os.path.join(path, f"rng_rank{rank if same_layout else 0}.pt")
+        if os.path.isfile(rng_file):  # every rank draws the same streams (parallel/random.py): rank 0's fit any
+            set_rng_state(torch.load(rng_file, weights_only=False))
     fields = {f.name for f in dataclasses.fields(TrainState)}
     state = {k: v for k, v in marker["train_state"].items() if k in fields}
     state["history"] = [tuple(h) for h in state.get("history", [])]

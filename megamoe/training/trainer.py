@@ -252,7 +252,9 @@ def train(cfg: Config) -> dict:
         checkpoint.load(cfg.checkpoint.load, model, None, cfg, topo)
         log.info(f"finetuning from the weights in {cfg.checkpoint.load}, from step 0 with a new optimizer")
     elif cfg.checkpoint.load:
-        state = checkpoint.load(cfg.checkpoint.load, model, optimizer, cfg, topo)
+        c = cfg.checkpoint
+        state = checkpoint.load(c.load, model, None if c.no_load_optim else optimizer, cfg, topo,
+                                rng=not c.no_load_rng)
     scaler = LossScaler.from_config(cfg.training)
     if scaler:
         scaler.load_state_dict(state.loss_scaler)

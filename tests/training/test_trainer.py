@@ -164,3 +164,28 @@ def test_finetune_starts_from_the_weights_at_step_zero(tiny_corpus, tmp_path, qu
     # The first step already has the pretrained model's loss, far below a new model's (about ln 1024 = 6.9).
     assert records[0]["lm_loss"] < first_pre["lm_loss"] - 1.0
     assert records[0]["lm_loss"] < pretrained["final"]["lm_loss"] + 0.5
+
+
+def test_no_load_optim_resumes_a_model_only_checkpoint(tmp_path, quiet_env):
+    from megamoe import checkpoint
+    from megamoe.checkpoint import CheckpointError
+    from megamoe.model import build_model
+    from megamoe.training.trainer import TrainState
+
+    cfg = config_from_dict({"model": dict(TINY_MODEL, vocab_size=64), "data": {"mock": True, "seq_length": 32},
+                            "training": {"train_iters": 6, "micro_batch_size": 2, "global_batch_size": 2,
+                                         "eval_interval": 0},
+                            "checkpoint": {"load": str(tmp_path / "weights")},
+                            "logging": {"log_dir": str(tmp_path / "run"), "log_interval": 1}})
+    # model only, as an export or another framework's conversion gives
+    checkpoint.save(str(tmp_path / "weights"), build_model(cfg.model), None,
+                    TrainState(step=4, consumed_train_samples=8), cfg, None)
+    try:
+        with pytest.raises(CheckpointError, match="holds no optimizer state .* add --no-load-optim"):
+            train(cfg)
+        destroy_distributed()
+        cfg.checkpoint.no_load_optim = True
+        records = read_metrics(train(cfg)["metrics"])
+    finally:
+        destroy_distributed()
+    assert [(r["step"], r["consumed_samples"]) for r in records] == [(5, 10), (6, 12)]
