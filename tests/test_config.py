@@ -131,5 +131,8 @@ def test_recompute_block_method_takes_the_first_blocks_of_each_stage():
     assert recomputed_blocks(cfg) == {0, 4}
     cfg.training.recompute_method, cfg.training.recompute_num_layers = "uniform", 1
     assert recomputed_blocks(cfg) == set(range(8))
+    cfg.training.recompute_method = "block"
+    cfg.parallel.pipeline_model_parallel_size = 1  # one stage: the '|' marks do not matter
+    assert recomputed_blocks(cfg) == {0}
     cfg.training.recompute_granularity = None
     assert recomputed_blocks(cfg) == set()

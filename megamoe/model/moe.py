@@ -136,12 +136,13 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: list) -> torch.Tensor:
         """x: tokens sorted by local expert, `counts[e]` of them for expert e."""
-        if x.shape[0] == 0:
-            # No token reached these experts. The empty output stays connected to x, so that under expert
-            # parallelism the backward still runs this rank's side of the all-to-all the other ranks wait on.
-            return x.new_zeros(0, self.output_size) + 0 * x.sum()
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        if x.shape[0] == 0:
+            # No token reached these experts. The empty output stays connected to x, so that under expert
+            # parallelism the backward still runs this rank's side of the all-to-all the other ranks wait on;
+            # and it has the other ranks' dtype (the autocast one), which the all-to-all's buffers take.
+            return (x.new_zeros(0, self.output_size) + 0 * x.sum()).to(dtype)
         if self.grouped_gemm and self.grouped_fits(x.device, dtype, x.shape[-1]):
             return self._grouped(x.to(dtype), counts)
         # unbind: one backward node for all experts (indexing w1[e] would add a full-size gradient per expert).

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import Config
-from megamoe.model import Block, Experts, MambaLM, MambaMixer
+from megamoe.model import Block, Experts, MambaLM, MambaMixer, block_kinds
 from megamoe.parallel.expert_parallel import parallelize_moe
 from megamoe.parallel.sharding import ShardSpec, set_shard_spec, take_shard
 from megamoe.parallel.te import FastPaths, fast_paths, fused_norm, te_linear
@@ -193,6 +193,8 @@ def recomputed_blocks(cfg: Config) -> set:
     t = cfg.training
     if t.recompute_granularity is None:
         return set()
-    stages = stage_blocks(cfg)
+    # Without a pipeline the model is one stage, whatever '|' marks its pattern has.
+    stages = (stage_blocks(cfg) if cfg.parallel.pipeline_model_parallel_size > 1
+              else [list(range(len(block_kinds(cfg.model))))])
     keep = None if t.recompute_method == "uniform" else t.recompute_num_layers
     return {b for stage in stages for b in stage[:keep]}

@@ -51,4 +51,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # saved before 2026-11-25: every visible device's state
+            cuda = cuda[torch.cuda.current_device() % len(cuda)]
+        torch.cuda.set_rng_state(cuda)

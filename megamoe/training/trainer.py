@@ -165,15 +165,15 @@ def evaluate(runner, batches, cfg: Config, topo: Topology) -> float:
 
 
 class EarlyExit:
-    """Megatron's clean early exits: at a SIGTERM (--exit-signal-handler; Slurm's `--signal=TERM@120`, or
-    torchrun's agent, which forwards it and waits 30 s), after --exit-duration-in-mins, or every
-    --exit-interval steps. The run saves a checkpoint (with --save) and returns; every rank stops at the same
+    """Megatron's clean early exits: at a SIGTERM (--exit-signal-handler; Slurm's `--signal=TERM@120` to srun
+    tasks; a torchrun agent forwards it but kills its workers 30 s later), after --exit-duration-in-mins, or
+    every --exit-interval steps. The run saves a checkpoint (with --save) and returns; every rank stops at the same
     step, since a signal or a clock reaches the ranks at different steps."""
 
-    def __init__(self, cfg: Config, topo: Topology):
+    def __init__(self, cfg: Config, topo: Topology, start: float):
         self.cfg, self.topo = cfg.training, topo
         self.signalled = False
-        self.start = time.monotonic()
+        self.start = start  # time.monotonic() when the run started, set-up included (as Megatron counts)
         self._previous = None
         if self.cfg.exit_signal_handler:
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
@@ -224,6 +224,7 @@ def train(cfg: Config) -> dict:
     from megamoe import checkpoint
     from megamoe.training.metrics import IntervalMeans, RunLogger
 
+    started = time.monotonic()
     env = detect_launch_env()
     cfg.validate(env.world_size)
     _set_threads(cfg, env.local_world_size)
@@ -290,7 +291,7 @@ def train(cfg: Config) -> dict:
     record = {}
     model.train()
     stop = None
-    with EarlyExit(cfg, topo) as early_exit:
+    with EarlyExit(cfg, topo, started) as early_exit:
         while state.step < tcfg.train_iters and not stop:
             start = time.perf_counter()
             batches = [next(train_iter) for _ in range(num_micro)]

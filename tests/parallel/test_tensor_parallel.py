@@ -1,4 +1,5 @@
 """megatron-core TP layers built from full layers compute what the full layers compute, on 2 gloo ranks."""
+import pytest
 import torch
 
 from megamoe.config import ParallelConfig
@@ -55,3 +56,29 @@ def _mlp_and_vocab():
 def test_tp2_layers_match_full_layers():
     losses = run_on_ranks(_mlp_and_vocab, 2)
     assert losses[0] == losses[1]
+
+
+
+def _moe_output_with_every_token_on_expert_0(autocast, ep):
+    """A Switch MoE whose router sends every token to expert 0: under EP 2, rank 1's experts get none."""
+    from megamoe.model.moe import SwitchMoE
+    from megamoe.parallel.expert_parallel import parallelize_moe
+    torch.manual_seed(0)
+    moe = SwitchMoE(16, 4, 32, capacity_factor=0)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 10.0
+    if ep > 1:
+        parallelize_moe(moe, init_distributed(ParallelConfig(expert_model_parallel_size=ep)))
+    x = torch.ones(1, 8, 16) + 0.01 * torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return moe(x).float().detach()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_expert_parallel_rank_without_tokens_under_autocast(autocast):
+    """A rank whose experts receive nothing sends back the autocast dtype the all-to-all's buffers take
+    (it once sent float32 into bf16 buffers: garbage on gloo, a hang on NCCL)."""
+    want = _moe_output_with_every_token_on_expert_0(autocast, ep=1)
+    for y in run_on_ranks(_moe_output_with_every_token_on_expert_0, 2, args=(autocast, 2)):
+        torch.testing.assert_close(y, want, rtol=1e-2 if autocast else 1e-6, atol=1e-3 if autocast else 1e-6)

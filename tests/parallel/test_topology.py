@@ -87,3 +87,18 @@ def test_srun_without_mpi_reads_slurm_variables(monkeypatch):
     env = detect_launch_env()
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.master_addr, env.launcher) == \
         (5, 8, 1, 4, "node0", "slurm")
+
+
+def test_cuda_rng_state_of_this_device_only(monkeypatch):
+    """Checkpoints keep this rank's CUDA generator only; older ones kept every visible device's (a list)."""
+    from megamoe.parallel.random import get_rng_state, set_rng_state
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: restored.append(int(state[0])))
+    state = get_rng_state()
+    assert int(state["cuda"][0]) == 7
+    set_rng_state(state)
+    set_rng_state(dict(state, cuda=[torch.tensor([3], dtype=torch.uint8), torch.tensor([4], dtype=torch.uint8)]))
+    assert restored == [7, 4]

@@ -71,7 +71,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
 def _stop_reason_when_rank_1_is_signalled(tmp_path):
     cfg = _config(tmp_path, exit_signal_handler=True)
     topo = init_distributed(cfg.parallel)
-    with EarlyExit(cfg, topo) as early_exit:
+    with EarlyExit(cfg, topo, time.monotonic()) as early_exit:
         if topo.rank == 1:
             os.kill(os.getpid(), signal.SIGTERM)  # handled: the process goes on
             time.sleep(0.1)
