@@ -283,6 +283,11 @@ class TrainingConfig:
     eval_iters: int = 10
     torch_threads: Optional[int] = None  # CPU threads per process; None: cores / local processes
 
+    @property
+    def autocast_dtype(self) -> Optional[str]:
+        """The torch dtype name the model computes in under autocast (--bf16 / --fp16); None: fp32."""
+        return "bfloat16" if self.bf16 else "float16" if self.fp16 else None
+
     def _validate_fp16(self) -> None:
         if self.fp16 and self.bf16:
             raise ConfigError("--fp16 and --bf16 are both set; choose one")

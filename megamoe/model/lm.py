@@ -78,6 +78,8 @@ def make_mamba(cfg: ModelConfig, mamba_index: int) -> MambaMixer:
 class Block(nn.Module):
     """Pre-norm residual block: h + sublayers(norm(h)); several sublayers (Parallel MoE-Mamba) are summed."""
 
+    recompute = False  # keep only the block's input for backward and recompute the rest (activation recompute)
+
     def __init__(self, kind: str, cfg: ModelConfig, mamba_index: int = 0):
         super().__init__()
         self.kind = kind
@@ -93,8 +95,6 @@ class Block(nn.Module):
 
     def sublayers(self) -> list:
         return [getattr(self, name) for name in ("mixer", "moe", "attention", "ffn") if hasattr(self, name)]
-
-    recompute = False  # keep only the block's input for backward and recompute the rest (activation recompute)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.recompute and self.training and torch.is_grad_enabled():

@@ -8,6 +8,8 @@ expert-TP 1 under TP > 1, each TP rank routes a 1/TP share of the tokens instead
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -34,11 +36,10 @@ class AllToAllDispatcher:
         x = all_to_all(x, output_splits, input_splits, self.group)
         # Arrived grouped by source rank, then local expert; the experts want them by local expert.
         lengths = received.flatten().tolist()  # one host copy; the loop below indexes it
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
-        by_expert = [torch.arange(starts[s * self.num_local + e], starts[s * self.num_local + e]
-                                  + lengths[s * self.num_local + e])
+        starts = list(itertools.accumulate(lengths, initial=0))
+        by_expert = [torch.arange(starts[s * self.num_local + e], starts[s * self.num_local + e + 1])
                      for e in range(self.num_local) for s in range(self.ep)]
-        order = torch.cat(by_expert).to(x.device) if by_expert else torch.zeros(0, dtype=torch.long)
+        order = torch.cat(by_expert).to(x.device)  # never empty: every rank holds at least one expert
         return x[order], received.sum(0).tolist(), (order, input_splits, output_splits)
 
     def combine(self, y: torch.Tensor, ctx) -> torch.Tensor:

@@ -59,7 +59,7 @@ def fast_paths(cfg: Config, device: torch.device) -> FastPaths:
         raise ConfigError(f"training.fp8={cfg.training.fp8!r} needs Transformer Engine on CUDA; it is not in use "
                           "here (not importable, no CUDA device, or training.transformer_engine=off)")
     apex_norms = _try_import("apex.normalization") if device.type == "cuda" else None
-    dtype = torch.bfloat16 if cfg.training.bf16 else torch.float16 if cfg.training.fp16 else torch.float32
+    dtype = getattr(torch, cfg.training.autocast_dtype or "float32")
     return FastPaths(te, apex_norms, cfg.training.moe_grouped_gemm and grouped_gemm_supported(device, dtype))
 
 

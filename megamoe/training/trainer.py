@@ -57,9 +57,8 @@ def resolve_vocab_size(cfg: Config, tokenizer_vocab: int | None, tp: int) -> int
 
 
 def _autocast(cfg: Config, device: torch.device):
-    if cfg.training.bf16 or cfg.training.fp16:
-        return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.training.bf16 else torch.float16)
-    return contextlib.nullcontext()
+    dtype = cfg.training.autocast_dtype
+    return torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype else contextlib.nullcontext()
 
 
 def _mean_over_dp(values: torch.Tensor, topo: Topology) -> torch.Tensor:
@@ -189,9 +188,10 @@ class EarlyExit:
             flag = torch.tensor([2 if self.signalled else 1 if late else 0], device=self.topo.device)
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() == 2:
+            flag = int(flag.item())
+            if flag == 2:
                 return "SIGTERM received (--exit-signal-handler)"
-            if flag.item() == 1:
+            if flag == 1:
                 return f"--exit-duration-in-mins {t.exit_duration_in_mins} reached"
         if t.exit_interval and step % t.exit_interval == 0:
             return f"--exit-interval {t.exit_interval}"
