@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megamoe.kernels.launch import check_device, interpreting, next_pow2, on_device
+from megamoe.kernels.launch import FP_FUSION, check_device, interpreting, next_pow2, on_device
 
 
 @triton.jit
@@ -114,7 +114,7 @@ class CausalConv1dFn(torch.autograd.Function):
         grid = (batch, triton.cdiv(d_inner, block_d), triton.cdiv(seqlen, block_l))
         _conv_fwd_kernel[grid](x, weight, b, y, d_inner, seqlen, x.stride(0), x.stride(1),
                                HAS_BIAS=bias is not None, SILU=silu, WIDTH=width, BLOCK_D=block_d,
-                               BLOCK_L=block_l, num_warps=warps)
+                               BLOCK_L=block_l, num_warps=warps, **FP_FUSION)
         ctx.save_for_backward(x, weight, bias)
         ctx.silu = silu
         return y
@@ -134,7 +134,7 @@ class CausalConv1dFn(torch.autograd.Function):
         _conv_bwd_kernel[(batch, triton.cdiv(d_inner, block_d), n_l)](
             x, weight, b, dy, dx, dw, dbias, d_inner, seqlen, x.stride(0), x.stride(1),
             HAS_BIAS=bias is not None, SILU=ctx.silu, WIDTH=width, WIDTH_P2=next_pow2(width),
-            BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps)
+            BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps, **FP_FUSION)
         dbias = dbias.sum((0, 1)).to(bias.dtype) if bias is not None else None
         return dx, dw.sum((0, 1)).to(weight.dtype), dbias, None
 

@@ -14,6 +14,11 @@ import triton
 
 _AUTOTUNERS: Dict[Hashable, Callable] = {}
 
+# Passed to every launch: the recurrences (h = a * h + b) are written for fused multiply-adds, as mamba_ssm's CUDA
+# kernels compile them. Triton 3.9 enables fusion only by default and warns that 3.10 will turn it off; pinning it
+# keeps results and speed the same across versions. The interpreter ignores the option.
+FP_FUSION = {"enable_fp_fusion": True}
+
 
 def interpreting(kernel) -> bool:
     """True when `kernel` was decorated under TRITON_INTERPRET=1 (it then runs on CPU tensors)."""

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megamoe.kernels.launch import check_device, interpreting, next_pow2, on_device, sm_count, tuned
+from megamoe.kernels.launch import FP_FUSION, check_device, interpreting, next_pow2, on_device, sm_count, tuned
 
 MAX_D_STATE = 64
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
@@ -307,11 +307,12 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, save_last, 
     if interpreting(_scan_fwd_kernel):
         block_d = min(4, next_pow2(d_inner))
         block_l = max(chunk_len // 2, 1)  # two blocks per chunk exercise the save-on-chunk-start path
-        _scan_fwd_kernel[(batch, triton.cdiv(d_inner, block_d))](*args, **flags, BLOCK_D=block_d, BLOCK_L=block_l)
+        _scan_fwd_kernel[(batch, triton.cdiv(d_inner, block_d))](*args, **flags, **FP_FUSION, BLOCK_D=block_d,
+                                                                 BLOCK_L=block_l)
     else:
         kernel = tuned(_scan_fwd_kernel, (block_n, chunk_len), _fwd_configs(block_n, chunk_len),
                        key=["d_inner", "d_state", "seqlen"])
-        kernel[lambda meta: (batch, triton.cdiv(d_inner, meta["BLOCK_D"]))](*args, **flags)
+        kernel[lambda meta: (batch, triton.cdiv(d_inner, meta["BLOCK_D"]))](*args, **flags, **FP_FUSION)
     return y, states, last
 
 
@@ -345,11 +346,11 @@ def _bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states, softplus, chu
                  HAS_DLAST=dlast is not None, BLOCK_N=block_n, CHUNK_L=chunk_len, GROUP_D=group_d)
     grid = (batch, n_groups)
     if interpret:
-        _scan_bwd_kernel[grid](*args, **flags, BLOCK_D=min(2, group_d))
+        _scan_bwd_kernel[grid](*args, **flags, **FP_FUSION, BLOCK_D=min(2, group_d))
     else:
         kernel = tuned(_scan_bwd_kernel, (block_n, chunk_len, group_d), _bwd_configs(block_n, chunk_len, group_d),
                        key=["d_inner", "d_state", "seqlen"])
-        kernel[grid](*args, **flags)
+        kernel[grid](*args, **flags, **FP_FUSION)
     dA = acc[1].sum(0)[:, :d_state].to(A.dtype)
     dD = acc[2, :, :, 0].sum(0).to(D.dtype) if D is not None else None
     dbias = acc[3, :, :, 0].sum(0).to(delta_bias.dtype) if delta_bias is not None else None

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megamoe.kernels.launch import check_device, interpreting, next_pow2, on_device
+from megamoe.kernels.launch import FP_FUSION, check_device, interpreting, next_pow2, on_device
 from megamoe.kernels.selective_scan import MAX_D_STATE, _softplus
 
 
@@ -88,5 +88,5 @@ def selective_state_update_triton(state: torch.Tensor, x: torch.Tensor, dt: torc
             y, d_inner, d_state, state.stride(0), state.stride(1), state.stride(2), x.stride(0), dt.stride(0),
             zz.stride(0), B.stride(0), C.stride(0),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-            BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4)
+            BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4, **FP_FUSION)
     return y

@@ -8,7 +8,7 @@ import pytest
 import triton
 
 from megamoe.kernels import causal_conv1d, selective_scan, selective_state_update
-from megamoe.kernels.launch import interpreting
+from megamoe.kernels.launch import FP_FUSION, interpreting
 
 BF16 = ("u_ptr", "delta_ptr", "z_ptr", "y_ptr", "B_ptr", "C_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr",
         "x_ptr", "dt_ptr", "dy_ptr", "dx_ptr")
@@ -39,6 +39,7 @@ def test_compiles_for_sm90(name):
     signature = {name: "constexpr" if name in constexprs else ("*bf16" if name in BF16 else "*fp32")
                  if name.endswith("_ptr") else "i32" for name in inspect.signature(kernel.fn).parameters}
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **FP_FUSION})
     assert compiled.asm["cubin"], "no cubin produced"
     assert compiled.metadata.num_warps == num_warps
+    assert compiled.metadata.enable_fp_fusion, "the recurrences are written for fused multiply-adds"
