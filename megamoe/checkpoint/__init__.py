@@ -185,6 +185,4 @@ def load(path: str, model, optimizer, cfg: Config, topo, verify: bool = True, rn
         if os.path.isfile(rng_file):  # every rank draws the same streams (parallel/random.py): rank 0's fit any
             set_rng_state(torch.load(rng_file, weights_only=False))
     fields = {f.name for f in dataclasses.fields(TrainState)}
-    state = {k: v for k, v in marker["train_state"].items() if k in fields}
-    state["history"] = [tuple(h) for h in state.get("history", [])]
-    return TrainState(**state)
+    return TrainState(**{k: v for k, v in marker["train_state"].items() if k in fields})  # older keys dropped

@@ -38,7 +38,6 @@ class TrainState:
 
     step: int = 0
     consumed_train_samples: int = 0
-    history: list = field(default_factory=list)  # (step, valid_loss) of past evaluations, for the plot
     loss_scaler: dict = field(default_factory=dict)  # --fp16's dynamic loss scale (LossScaler.state_dict)
 
 
@@ -311,7 +310,6 @@ def train(cfg: Config) -> dict:
             if tcfg.eval_interval and (state.step % tcfg.eval_interval == 0 or last) and valid_batches:
                 record["valid_loss"] = evaluate(runner, valid_batches(), cfg, topo)
                 record["valid_ppl"] = math.exp(min(record["valid_loss"], 50.0))
-                state.history.append((state.step, record["valid_loss"]))
             if state.step % cfg.logging.log_interval == 0 or last or stop or "valid_loss" in record:
                 record = interval.means(record)
                 run_log.log(record, progress)

@@ -41,7 +41,7 @@ def test_train_saves_every_interval_keeps_last_and_resumes_exactly(tmp_path):
     assert sorted(os.listdir(root)) == ["iter_0000004", "iter_0000006", "latest"]  # iter_0000002 pruned
     assert (root / "latest").read_text() == "iter_0000006"
     marker = checkpoint.read_marker(str(root / "iter_0000004"))
-    assert marker["train_state"]["consumed_train_samples"] == 16 and marker["train_state"]["history"][0][0] == 3
+    assert marker["train_state"]["step"] == 4 and marker["train_state"]["consumed_train_samples"] == 16
 
     resumed = _run(tmp_path, "resumed", load=str(root / "iter_0000004"))
     assert sorted(resumed) == [5, 6]
