@@ -13,20 +13,15 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable, Sequence
 
+from megamoe.parallel.topology import free_port
+
 
 class RankFailure(RuntimeError):
     """A rank raised, or ranks did not finish in time."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(fn, args, rank, world_size, port, threads, results):
@@ -52,7 +47,7 @@ def run_on_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), timeou
     """Run `fn(*args)` on `world_size` spawned ranks; return their results in rank order."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(fn, tuple(args), r, world_size, port, threads_per_rank, results),
                          daemon=True) for r in range(world_size)]
     for p in procs:

@@ -33,7 +33,8 @@ class LaunchEnv:
     launcher: str  # torchrun | mpi | slurm | single
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port no process listens on now (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -56,7 +57,7 @@ def _mpi_env() -> Optional[LaunchEnv]:
     addr, port = None, None
     if comm.Get_rank() == 0:
         addr = os.environ.get("MASTER_ADDR") or socket.gethostname()
-        port = int(os.environ.get("MASTER_PORT") or _free_port())
+        port = int(os.environ.get("MASTER_PORT") or free_port())
     addr, port = comm.bcast((addr, port), root=0)
     env = LaunchEnv(comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size(), addr, port, "mpi")
     local.Free()
