@@ -3,11 +3,12 @@
 #   NP=16 HOSTFILE=hosts bash examples/launch/mpirun.sh --config examples/paper/moe_mamba_25m.yaml ...
 # Needs `pip install megamoe[mpi]` (MPICH) or the system MPI that mpi4py was built against.
 set -euo pipefail
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # as in Megatron-LM's examples (TP overlap)
 # Open MPI forwards only the variables named with -x; MPICH and Intel MPI (Hydra) forward the whole environment
 # and reject -x.
 forward=()
 if mpirun --version 2>&1 | grep -q "Open MPI"; then
-    for var in PATH LD_LIBRARY_PATH PYTHONPATH VIRTUAL_ENV; do
+    for var in PATH LD_LIBRARY_PATH PYTHONPATH VIRTUAL_ENV CUDA_DEVICE_MAX_CONNECTIONS; do
         if [[ -n "${!var:-}" ]]; then forward+=(-x "$var"); fi
     done
 fi

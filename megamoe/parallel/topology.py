@@ -204,6 +204,9 @@ def init_distributed(parallel: ParallelConfig) -> Topology:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
+        # megatron-core's advice to set CUDA_DEVICE_MAX_CONNECTIONS=1 (so its async TP all-reduce is queued
+        # before the weight-gradient GEMM) concerns GPU streams; on CPU it is noise in every TP run.
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
 
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
