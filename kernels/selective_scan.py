@@ -57,6 +57,15 @@ def _load_dt(delta_ptrs, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.conste
 
 
 @triton.jit
+def _load_channels(ptr, offs_d, mask_d, PRESENT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A per-channel vector (delta_bias or D) in fp32, zeros when the input is absent."""
+    v = tl.zeros((BLOCK_D,), tl.float32)
+    if PRESENT:
+        v = tl.load(ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr, last_ptr,
     d_inner, d_state, seqlen, n_chunks,
@@ -73,12 +82,8 @@ def _scan_fwd_kernel(
     mask_dn = mask_d[:, None] & (offs_n < d_state)[None, :]
     # (BLOCK_D, BLOCK_N): A in log2 units so that exp(delta * A) = exp2(delta * A2)
     A2 = tl.load(A_ptr + offs_d[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
-    bias = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = _load_channels(bias_ptr, offs_d, mask_d, HAS_BIAS, BLOCK_D)
+    Dv = _load_channels(D_ptr, offs_d, mask_d, HAS_D, BLOCK_D)
     u_ptrs = u_ptr + pid_b * s_u_b + offs_d[:, None] * s_u_d
     dt_ptrs = delta_ptr + pid_b * s_dt_b + offs_d[:, None] * s_dt_d
     z_ptrs = z_ptr + pid_b * s_z_b + offs_d[:, None] * s_z_d
@@ -159,12 +164,8 @@ def _scan_bwd_kernel(
             mask_dn = mask_d[:, None] & mask_n[None, :]
             m2 = mask_d[:, None] & mask_t[None, :]
             A = tl.load(A_ptr + offs_d[:, None] * d_state + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-            bias = tl.zeros((BLOCK_D,), tl.float32)
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            Dv = tl.zeros((BLOCK_D,), tl.float32)
-            if HAS_D:
-                Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            bias = _load_channels(bias_ptr, offs_d, mask_d, HAS_BIAS, BLOCK_D)
+            Dv = _load_channels(D_ptr, offs_d, mask_d, HAS_D, BLOCK_D)
             acc_ptrs = acc_ptr + (pid_b * d_inner + offs_d[:, None]) * BLOCK_N + offs_n[None, :]
             # acc is uninitialised memory: the first chunk walked (ci == 0) starts every accumulator at zero
             acc_dn = mask_dn & (ci > 0)
