@@ -33,17 +33,21 @@ def indexed_loop(experts: Experts, x, counts):
     return torch.cat([experts.expert(e, chunk) for e, chunk in enumerate(x.split(counts)) if chunk.shape[0]])
 
 
-def time_fwd_bwd(fn, x, counts, grad, reps):
-    times = []
-    for _ in range(reps + 1):  # the first call warms up
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(x, counts).backward(grad)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[reps // 2] * 1e3
+def time_fwd_bwd(fns: dict, x, counts, grad, reps) -> dict:
+    """Median ms of fn(x, counts).backward(grad) per fn, the fns called in turn (round-robin), so drift of the
+    allocator or the machine's load falls on all of them alike."""
+    times = {name: [] for name in fns}
+    for rep in range(reps + 1):  # the first round warms up
+        for name, fn in fns.items():
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn(x, counts).backward(grad)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            if rep:
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
 
 
 def bench(shape, device, dtype, reps):
@@ -73,9 +77,9 @@ def bench(shape, device, dtype, reps):
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     diff = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
                for a, b in zip(outputs(grouped), outputs(loop))) if fits else 0.0
-    row = {"loop": time_fwd_bwd(loop, x, counts, grad, reps),
-           "grouped": time_fwd_bwd(grouped, x, counts, grad, reps) if fits else float("nan"),
-           "indexed": time_fwd_bwd(lambda x, c: indexed_loop(experts, x, c), x, counts, grad, max(1, reps // 2))}
+    row = time_fwd_bwd({"loop": loop, **({"grouped": grouped} if fits else {})}, x, counts, grad, reps)
+    row.setdefault("grouped", float("nan"))
+    row.update(time_fwd_bwd({"indexed": lambda x, c: indexed_loop(experts, x, c)}, x, counts, grad, max(1, reps // 2)))
     return row, diff, diff <= tol
 
 

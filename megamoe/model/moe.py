@@ -96,7 +96,7 @@ class SwitchRouter(nn.Module):
 
 def grouped_gemm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """torch's grouped GEMM (F.grouped_mm, torch >= 2.9) runs here: CUDA bf16 on sm80 and newer, or CPU fp32 /
-    bf16 (where it measured as fast as the per-expert loop or faster: bench/bench_experts.py)."""
+    bf16 (where it measured 0.95x to 1.2x the per-expert loop's speed: bench/bench_experts.py)."""
     if not hasattr(F, "grouped_mm"):
         return False
     if device.type == "cuda":
