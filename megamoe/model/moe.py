@@ -104,6 +104,15 @@ def grouped_gemm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
 
 
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """F.grouped_mm whose backward gets a contiguous gradient: its kernels need 16-byte aligned strides, and an
+    expanded gradient (e.g. of `.sum()`) has stride 0."""
+    out = F.grouped_mm(x.contiguous(), w, offs=offs)
+    if out.requires_grad:
+        out.register_hook(torch.Tensor.contiguous)
+    return out
+
+
 class Experts(nn.Module):
     """`num_experts` feed-forward experts stored as batched weights (experts, in, out), no biases.
 
@@ -152,12 +161,19 @@ class Experts(nn.Module):
                           if chunk.shape[0]])
 
     def _grouped(self, x: torch.Tensor, counts: list) -> torch.Tensor:
-        """Every local expert in one grouped GEMM per weight (torch's grouped_mm; CUTLASS kernels on CUDA)."""
+        """Every local expert in one grouped GEMM per weight (torch's grouped_mm; CUTLASS kernels on CUDA).
+        Experts without tokens are left out of the call: on Blackwell (sm100) grouped_mm's backward writes
+        non-zero weight gradients for empty groups (pytorch#172439); their gradient is then exactly zero."""
+        weights = [self.w1] + ([self.w2] if hasattr(self, "w2") else [])
+        if 0 in counts:
+            busy = [e for e, c in enumerate(counts) if c]
+            index = torch.tensor(busy, device=x.device)
+            weights, counts = [w.index_select(0, index) for w in weights], [counts[e] for e in busy]
         offs = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=x.device)
-        h = F.grouped_mm(x.contiguous(), self.w1.to(x.dtype), offs=offs)
+        h = _grouped_mm(x, weights[0].to(x.dtype), offs)
         if self.activation == "linear":
             return h
-        return F.grouped_mm(activate(h, self.activation).to(x.dtype).contiguous(), self.w2.to(x.dtype), offs=offs)
+        return _grouped_mm(activate(h, self.activation).to(x.dtype), weights[1].to(x.dtype), offs)
 
     def grouped_fits(self, device: torch.device, dtype: torch.dtype, d_in: int) -> bool:
         """Whether grouped_mm runs here: a supported device and dtype, and rows 16-byte aligned as its kernels

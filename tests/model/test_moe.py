@@ -186,6 +186,29 @@ def test_grouped_gemm_under_bf16_autocast(device):
 
 
 @needs_grouped_mm
+def test_grouped_gemm_is_never_given_an_empty_group(monkeypatch):
+    """Idle experts stay out of grouped_mm, whose backward on Blackwell writes garbage weight gradients for
+    empty groups (pytorch#172439); their gradient is exactly zero whatever the kernel does."""
+    grouped, loop = _experts_pair("gelu")
+    real = torch.nn.functional.grouped_mm
+
+    def strict_grouped_mm(a, b, offs):
+        assert (offs.diff(prepend=offs.new_zeros(1)) > 0).all(), f"empty group in offs {offs.tolist()}"
+        return real(a, b, offs=offs)
+
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", strict_grouped_mm)
+    counts = [0, 4, 0, 3]
+    x = torch.randn(sum(counts), 16)
+    y = grouped(x, counts)
+    y.sum().backward()
+    loop(x, counts).sum().backward()
+    torch.testing.assert_close(y, loop(x, counts))
+    for got, want in zip(grouped.parameters(), loop.parameters()):
+        torch.testing.assert_close(got.grad, want.grad)
+        assert got.grad[[0, 2]].abs().sum() == 0
+
+
+@needs_grouped_mm
 def test_unaligned_widths_fall_back_to_the_loop(monkeypatch):
     grouped, loop = _experts_pair("gelu", d_in=6, d_hidden=10, d_out=6)  # 24-byte fp32 rows: not 16-aligned
     assert not grouped.grouped_fits(torch.device("cpu"), torch.float32, 6)
