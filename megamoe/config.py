@@ -300,6 +300,9 @@ class TrainingConfig:
         if self.loss_scale_window < 1 or self.hysteresis < 1:
             raise ConfigError(f"--loss-scale-window={self.loss_scale_window} and --hysteresis={self.hysteresis} "
                               "must be >= 1")
+        if self.min_loss_scale > self.initial_loss_scale:
+            raise ConfigError(f"--min-loss-scale={self.min_loss_scale:g} is above --initial-loss-scale="
+                              f"{self.initial_loss_scale:g}; lower it or raise the initial scale")
 
     def _validate_recompute(self) -> None:
         if self.recompute_granularity is None:

@@ -100,7 +100,7 @@ class Progress:
                                 ("loss_scale", "loss scale", "g"), ("peak_mem_gb", "mem GB", ".2f")):
             if record.get(key) is not None:
                 parts.append(f"{label} {format(record[key], fmt)}")
-        if record.get("skipped_step"):
-            parts.append("skipped: fp16 gradients overflowed")
+        if record.get("skipped_steps"):
+            parts.append(f"skipped {record['skipped_steps']} (fp16 overflow)")
         parts.append(f"ETA {format_duration(self.eta(step))}")
         return " | ".join(parts)

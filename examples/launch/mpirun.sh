@@ -7,7 +7,7 @@ export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # as in Me
 # Open MPI forwards only the variables named with -x; MPICH and Intel MPI (Hydra) forward the whole environment
 # and reject -x.
 forward=()
-if mpirun --version 2>&1 | grep -q "Open MPI"; then
+if [[ "$(mpirun --version 2>&1 || true)" == *"Open MPI"* ]]; then
     for var in PATH LD_LIBRARY_PATH PYTHONPATH VIRTUAL_ENV CUDA_DEVICE_MAX_CONNECTIONS; do
         if [[ -n "${!var:-}" ]]; then forward+=(-x "$var"); fi
     done

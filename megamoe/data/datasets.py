@@ -20,6 +20,7 @@ import copy
 import functools
 import logging
 import os
+import signal
 import tempfile
 import warnings
 from typing import Optional, Sequence
@@ -207,11 +208,16 @@ def collate(samples: list) -> dict:
             "loss_mask": torch.stack([s["loss_mask"] for s in samples]).float()}
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_data_iterators(cfg, dp_rank: int, dp_size: int, consumed_train_samples: int = 0,
-                         vocab_size: Optional[int] = None, cache_path: Optional[str] = None) -> tuple:
+                         vocab_size: Optional[int] = None, cache_path: Optional[str] = None,
+                         pin_memory: bool = False) -> tuple:
     """(train_iter, valid_batches) for this DP rank. train_iter yields micro-batches from
     consumed_train_samples on; valid_batches() returns this rank's validation micro-batches (eval_iters
-    global batches), or is None when there is no validation data."""
+    global batches), or is None when there is no validation data. pin_memory: for the copies to a GPU."""
     d, t = cfg.data, cfg.training
     mbs, gbs = t.micro_batch_size, t.global_batch_size
     if not 0 <= dp_rank < dp_size or gbs % (mbs * dp_size):
@@ -235,8 +241,12 @@ def build_data_iterators(cfg, dp_rank: int, dp_size: int, consumed_train_samples
         train, valid = build_gpt_datasets(d.data_path, d.split, d.seq_length, t.seed, tokenizer, num_train,
                                           num_valid, cache_path or getattr(d, "cache_path", None))
     sampler = MicroBatchSampler(num_train, consumed_train_samples, mbs, gbs, dp_rank, dp_size)
+    # With --exit-signal-handler the main process stops the run on SIGTERM; Slurm sends it to every process of
+    # the job, and a worker that died of it would fail the run (DataLoader's SIGCHLD check) before the save.
+    ignore_sigterm = t.exit_signal_handler and d.num_workers > 0
     loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=d.num_workers, pin_memory=torch.cuda.is_available())
+                                         num_workers=d.num_workers, pin_memory=pin_memory,
+                                         worker_init_fn=_ignore_sigterm if ignore_sigterm else None)
     log.info(f"data: {num_train} train samples of {d.seq_length + 1} tokens"
              + (f", {num_valid} valid samples" if valid is not None else ", no validation")
              + (" (mock random tokens)" if d.mock else f" from {' '.join(map(str, d.data_path))}")

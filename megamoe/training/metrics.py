@@ -39,11 +39,14 @@ class IntervalMeans:
 
     def __init__(self):
         self.sums, self.steps, self.tokens, self.seconds = {}, 0, 0, 0.0
+        self.skipped = None  # --fp16: steps skipped in the interval (Megatron's "number of skipped iterations")
 
     def add(self, record: dict, tokens: int) -> None:
         for key in self.KEYS:
             if key in record:
                 self.sums[key] = self.sums.get(key, 0.0) + record[key]
+        if "skipped_step" in record:
+            self.skipped = (self.skipped or 0) + record["skipped_step"]
         self.steps += 1
         self.tokens += tokens
         self.seconds += record["step_time_s"]
@@ -52,6 +55,8 @@ class IntervalMeans:
         """`record` (the last step's) with the interval's means, then start a new interval."""
         out = dict(record, **{k: v / self.steps for k, v in self.sums.items()},
                    tokens_per_s=self.tokens / max(self.seconds, 1e-9))
+        if self.skipped is not None:
+            out["skipped_steps"] = self.skipped
         self.__init__()
         return out
 

@@ -39,6 +39,7 @@ class TrainState:
     step: int = 0
     consumed_train_samples: int = 0
     loss_scaler: dict = field(default_factory=dict)  # --fp16's dynamic loss scale (LossScaler.state_dict)
+    skipped_steps: int = 0  # --fp16 steps skipped on overflow; the LR schedule counts only the others
 
 
 def resolve_vocab_size(cfg: Config, tokenizer_vocab: int | None, tp: int) -> int:
@@ -126,10 +127,9 @@ def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: floa
     runner.reducer.finish()
     runner.sync_shared_grads()
     params = [p for p in runner.model.parameters() if p.requires_grad]
-    if scaler:
-        for p in params:
-            if p.grad is not None:
-                p.grad.div_(runner.loss_scale)
+    grads = [p.grad for p in params if p.grad is not None]
+    if scaler and grads:
+        torch._foreach_div_(grads, runner.loss_scale)
     grad_norm = clip_gradients(params, cfg.optimizer.clip_grad, topo)
     skipped = scaler is not None and not math.isfinite(grad_norm)
     if not skipped:
@@ -280,7 +280,7 @@ def train(cfg: Config) -> dict:
 
     train_iter, valid_batches = build_data_iterators(
         cfg, topo.dp_rank, topo.dp, consumed_train_samples=state.consumed_train_samples,
-        vocab_size=cfg.model.vocab_size)
+        vocab_size=cfg.model.vocab_size, pin_memory=topo.device.type == "cuda")
     tcfg = cfg.training
     num_micro = tcfg.global_batch_size // (tcfg.micro_batch_size * topo.dp)
     tokens_per_step = tcfg.global_batch_size * cfg.data.seq_length
@@ -294,8 +294,10 @@ def train(cfg: Config) -> dict:
         while state.step < tcfg.train_iters and not stop:
             start = time.perf_counter()
             batches = [next(train_iter) for _ in range(num_micro)]
-            lr = lr_at(state.step, cfg.optimizer, tcfg.train_iters)
+            # As Megatron's scheduler: the LR advances with successful updates only.
+            lr = lr_at(state.step - state.skipped_steps, cfg.optimizer, tcfg.train_iters)
             record = train_step(runner, optimizer, batches, cfg, topo, lr, owners, scaler)
+            state.skipped_steps += record.get("skipped_step", 0)
             state.step += 1
             state.consumed_train_samples += tcfg.global_batch_size
             elapsed = time.perf_counter() - start

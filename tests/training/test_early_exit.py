@@ -44,21 +44,23 @@ def test_exit_interval_saves_and_resume_goes_on(tmp_path, quiet_env):
         destroy_distributed()
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
-    """What Slurm's `--signal=TERM@120` or torchrun's agent does before it kills a job."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, workers):
+    """What Slurm's `--signal=TERM@120` does before it kills a job: SIGTERM to every process of the job,
+    DataLoader workers included (their death must not fail the run before it saves)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
     metrics = tmp_path / "run" / "metrics.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "megamoe.cli.train", *MODEL, "--train-iters", "100000",
-                             "--exit-signal-handler", "--save", str(tmp_path / "ckpt"),
-                             "--logging.log_dir", str(tmp_path / "run")],
+                             "--exit-signal-handler", "--save", str(tmp_path / "ckpt"), "--data.num_workers",
+                             str(workers), "--logging.log_dir", str(tmp_path / "run")], start_new_session=True,
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
         while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole process group, as Slurm signals the job step
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()

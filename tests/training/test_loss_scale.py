@@ -13,6 +13,7 @@ from megamoe.parallel.parallelize import build_parallel_model
 from megamoe.testing import run_on_ranks
 from megamoe.training.loss_scale import LossScaler
 from megamoe.training.optimizer import build_optimizer
+from megamoe.training.schedule import lr_at
 from megamoe.training.trainer import make_runner, train, train_step
 
 
@@ -65,6 +66,27 @@ def test_an_overflowing_step_is_skipped_and_changes_nothing(tmp_path, quiet_env)
         assert scaler.scale == 2.0 ** 59
     finally:
         destroy_distributed()
+
+
+def test_skipped_steps_are_counted_and_do_not_advance_the_lr(tmp_path, quiet_env):
+    """Megatron steps its LR scheduler only after a successful update: warmup is not eaten by the overflowing
+    steps that find the loss scale."""
+    cfg = _config(tmp_path, initial_loss_scale=2.0 ** 40, hysteresis=1, train_iters=24)
+    cfg.optimizer.lr_warmup_iters = 4
+    cfg.checkpoint.save = str(tmp_path / "ckpt")
+    try:
+        records = read_metrics(train(cfg)["metrics"])
+    finally:
+        destroy_distributed()
+    skipped = [r["skipped_step"] for r in records]
+    first_update = skipped.index(0)
+    assert first_update >= 3 and sum(skipped) == first_update  # overflows until the scale has come down
+    assert [r["skipped_steps"] for r in records] == skipped  # logged every step: the interval's count is the step's
+    want = [lr_at(r["step"] - 1 - sum(skipped[:i]), cfg.optimizer, 24) for i, r in enumerate(records)]
+    assert [r["lr"] for r in records] == pytest.approx(want)
+    assert records[first_update]["lr"] == pytest.approx(3e-3 / 4)  # the first update gets warmup's first LR
+    saved = read_marker(checkpoint.resolve(str(tmp_path / "ckpt")))["train_state"]
+    assert saved["skipped_steps"] == first_update
 
 
 def _step_grads(tmp_path, fp16, pp=1):
@@ -122,6 +144,7 @@ def test_fp16_run_learns_as_fp32_does_and_resumes_with_its_scale(tiny_corpus, tm
     ({"fp16": True, "bf16": True}, "--fp16 and --bf16 are both set"),
     ({"fp16": True, "loss_scale": 0.0}, "--loss-scale=0.0 must be > 0"),
     ({"fp16": True, "hysteresis": 0}, "must be >= 1"),
+    ({"fp16": True, "min_loss_scale": 2.0 ** 20, "initial_loss_scale": 2.0 ** 16}, "is above --initial-loss-scale"),
 ])
 def test_bad_fp16_options(tmp_path, training, message):
     cfg = _config(tmp_path, **training)
