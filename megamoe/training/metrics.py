@@ -6,6 +6,7 @@ import resource
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from megamoe.config import Config
 from megamoe.logging import MetricsWriter, Progress, get_logger, read_metrics
@@ -82,9 +83,12 @@ class RunLogger:
         peak = self.cfg.logging.peak_tflops
         if peak:
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (peak * 1e12 * self.topo.world_size)
+        # The fullest rank's peak (pipeline stages and expert ranks differ); every rank logs at the same steps.
+        mem = torch.tensor([peak_memory_gb(self.topo.device)], device=self.topo.device)
+        dist.all_reduce(mem, op=dist.ReduceOp.MAX)
         if not self.topo.is_rank0:
             return
-        record["peak_mem_gb"] = peak_memory_gb(self.topo.device)
+        record["peak_mem_gb"] = mem.item()
         log.info(progress.line(record["step"], record)
                  + (f" | valid {record['valid_loss']:.4f}" if "valid_loss" in record else ""))
         self.metrics.write(record)

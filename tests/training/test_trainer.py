@@ -11,6 +11,7 @@ from megamoe.config import build_config, config_from_dict
 from megamoe.logging import read_metrics
 from megamoe.parallel import destroy_distributed, init_distributed, set_seed
 from megamoe.parallel.parallelize import build_parallel_model
+from megamoe.testing import run_on_ranks
 from megamoe.training.optimizer import build_optimizer
 from megamoe.training.trainer import make_runner, train, train_step
 
@@ -189,3 +190,26 @@ def test_no_load_optim_resumes_a_model_only_checkpoint(tmp_path, quiet_env):
     finally:
         destroy_distributed()
     assert [(r["step"], r["consumed_samples"]) for r in records] == [(5, 10), (6, 12)]
+
+
+def _logged_peak_memory(tmp_path):
+    from megamoe.logging import Progress
+    from megamoe.training.metrics import RunLogger, peak_memory_gb
+    cfg = config_from_dict({"model": dict(TINY_MODEL, vocab_size=64), "data": {"mock": True},
+                            "logging": {"log_dir": str(tmp_path), "tensorboard": False}})
+    topo = init_distributed(cfg.parallel)
+    try:
+        if topo.rank == 1:
+            ballast = torch.ones(2 ** 27)  # 512 MB touched: this rank's peak is the highest
+        logger = RunLogger(str(tmp_path), cfg, {"active_non_embedding": 1}, topo)
+        logger.log({"step": 1, "loss": 1.0, "tokens_per_s": 1.0}, Progress(1))
+        logger.close()
+        return peak_memory_gb(topo.device)
+    finally:
+        destroy_distributed()
+
+
+def test_logged_peak_memory_is_the_highest_of_any_rank(tmp_path):
+    own = run_on_ranks(_logged_peak_memory, 2, args=(tmp_path,))
+    logged = read_metrics(str(tmp_path))[-1]["peak_mem_gb"]
+    assert own[1] > own[0] + 0.3 and logged == pytest.approx(max(own), rel=0.02)
