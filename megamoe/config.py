@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import inspect
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -256,6 +258,8 @@ class OptimizerConfig:
 
 @dataclass
 class TrainingConfig:
+    """Steps, batch sizes, precision (bf16, fp16, FP8), recompute, early exits, evaluation."""
+
     train_iters: int = 300
     micro_batch_size: int = 4
     global_batch_size: int = 8
@@ -359,6 +363,8 @@ class TrainingConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Saving and resuming (Megatron's --save / --load)."""
+
     save: Optional[str] = None
     load: Optional[str] = None
     save_interval: Optional[int] = None  # None: only at the end of training
@@ -370,6 +376,8 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """Progress lines, metrics.jsonl, TensorBoard and the loss plot."""
+
     log_dir: Optional[str] = None  # metrics.jsonl, TensorBoard events, loss.png; None: checkpoint.save or ./runs
     log_interval: int = 10
     tensorboard: bool = True
@@ -629,14 +637,25 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--help-config", action="store_true", help="list every config key and its default")
 
 
+def _field_comments(cls) -> dict:
+    """Field name -> the comment after it in the dataclass's source: the keys' documentation."""
+    lines = inspect.getsource(cls).splitlines()
+    return {m.group(1): m.group(2) for m in (re.match(r"    (\w+): [^#]*#\s*(.+)$", line) for line in lines) if m}
+
+
 def describe_keys() -> str:
+    """Every config key by section, with its default, its Megatron alias and what it means (--help-config)."""
     cfg = Config()
     lines = []
     aliases = {v: k for k, v in MEGATRON_FLAGS.items()}
-    for section, sec in _fields(cfg).items():
-        for name, f in _fields(getattr(cfg, section)).items():
+    for section in _fields(cfg):
+        sec = getattr(cfg, section)
+        lines.append(f"{section}: {inspect.getdoc(type(sec)).splitlines()[0]}")
+        comments = _field_comments(type(sec))
+        for name in _fields(sec):
             key = f"{section}.{name}"
             alias = f"  (alias {aliases[key]})" if key in aliases else ""
-            lines.append(f"--{key} = {getattr(getattr(cfg, section), name)!r}{alias}")
+            comment = f"  # {comments[name]}" if name in comments else ""
+            lines.append(f"  --{key} = {getattr(sec, name)!r}{alias}{comment}")
     return "\n".join(lines)
 

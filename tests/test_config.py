@@ -136,3 +136,12 @@ def test_recompute_block_method_takes_the_first_blocks_of_each_stage():
     assert recomputed_blocks(cfg) == {0}
     cfg.training.recompute_granularity = None
     assert recomputed_blocks(cfg) == set()
+
+
+def test_help_config_lists_every_key_with_its_default_alias_and_meaning():
+    from megamoe.config import _all_keys, describe_keys
+    text = describe_keys()
+    assert all(f"--{key} = " in text for key in _all_keys(Config()))
+    assert "  --model.capacity_factor = 1.0  # <= 0: no capacity limit (no dropping)" in text.splitlines()
+    assert "--parallel.tensor_model_parallel_size = 1  (alias --tensor-model-parallel-size)" in text
+    assert "training: Steps, batch sizes, precision" in text

@@ -1,6 +1,6 @@
 """megamoe-train: pretrain a model from a YAML config and command-line overrides.
 
-    megamoe-train --config examples/quickstart.yaml --train-iters 100
+    megamoe-train --config megamoe/configs/quickstart.yaml --data-path ... --tokenizer-model ... --train-iters 100
     torchrun --nproc_per_node 2 -m megamoe.cli.train --config ... --expert-model-parallel-size 2
     mpirun -n 2 megamoe-train --config ...
 
