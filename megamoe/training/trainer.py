@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -172,8 +173,11 @@ class EarlyExit:
         self.cfg, self.topo = cfg.training, topo
         self.signalled = False
         self.start = start  # time.monotonic() when the run started, set-up included (as Megatron counts)
-        self._previous = None
-        if self.cfg.exit_signal_handler:
+        self._installed = self.cfg.exit_signal_handler
+        if self._installed:
+            if threading.current_thread() is not threading.main_thread():
+                raise ConfigError("--exit-signal-handler installs a SIGTERM handler, which Python allows only on "
+                                  "the main thread; call train() there or drop the flag")
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
@@ -200,8 +204,8 @@ class EarlyExit:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if self._installed:  # None: the previous handler was not set from Python; the default then
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
 
 
 def _set_threads(cfg: Config, local_world_size: int) -> None:

@@ -5,9 +5,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import types
 
 import pytest
+import torch
 
 from megamoe import checkpoint
 from megamoe.config import ConfigError, config_from_dict
@@ -96,3 +99,17 @@ def test_bad_exit_options(tmp_path, training, save, message):
         cfg.checkpoint.save = None
     with pytest.raises(ConfigError, match=message):
         cfg.validate(world_size=1)
+
+
+def test_signal_handler_is_restored_and_needs_the_main_thread(tmp_path):
+    cfg = _config(tmp_path, exit_signal_handler=True)
+    topo = types.SimpleNamespace(device=torch.device("cpu"))
+    before = signal.getsignal(signal.SIGTERM)
+    with EarlyExit(cfg, topo, time.monotonic()):
+        assert signal.getsignal(signal.SIGTERM) != before
+    assert signal.getsignal(signal.SIGTERM) == before
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(pytest.raises(ConfigError, EarlyExit, cfg, topo, 0.0)))
+    thread.start()
+    thread.join()
+    assert "only on the main thread" in str(errors[0].value)
