@@ -36,3 +36,13 @@ def test_benchmark_prints_its_table(bench):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert re.search(expected, out.stdout), out.stdout[-3000:]
+
+
+def test_gpu_checks_script_parses_and_refuses_a_machine_without_cuda(tmp_path):
+    import torch
+    script = os.path.join(REPO, "bench", "gpu_checks.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: the script would run its checks")
+    out = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr
