@@ -104,6 +104,14 @@ def test_resume_yields_exactly_the_uninterrupted_samples(data):
     assert not same(full[:4], full[4:8])
 
 
+def test_loader_workers_yield_the_same_batches_in_the_same_order(data):
+    cfg = make_cfg(data)
+    serial = take(build_data_iterators(cfg, 0, 1, consumed_train_samples=8)[0], 5 * 4)
+    cfg.data.num_workers = 2
+    parallel = take(build_data_iterators(cfg, 0, 1, consumed_train_samples=8)[0], 5 * 4)
+    assert same(parallel, serial)
+
+
 def test_data_parallel_ranks_split_each_global_batch_in_megatron_order(data):
     cfg = make_cfg(data)
     single = take(build_data_iterators(cfg, 0, 1)[0], 2 * 4)  # micro-batches 0..3 of steps 0 and 1
