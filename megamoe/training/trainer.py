@@ -128,9 +128,10 @@ def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: floa
     runner.reducer.finish()
     runner.sync_shared_grads()
     params = [p for p in runner.model.parameters() if p.requires_grad]
-    grads = [p.grad for p in params if p.grad is not None]
-    if scaler and grads:
-        torch._foreach_div_(grads, runner.loss_scale)
+    if scaler:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_div_(grads, runner.loss_scale)
     grad_norm = clip_gradients(params, cfg.optimizer.clip_grad, topo)
     skipped = scaler is not None and not math.isfinite(grad_norm)
     if not skipped:
