@@ -30,7 +30,7 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "mpi": ["mpi4py", "mpich"],
-        "test": ["pytest", "pytest-timeout", "transformers>=4.40", "mambapy"],
+        "test": ["pytest", "pytest-timeout", "ruff~=0.17.6", "transformers>=4.40", "mambapy"],
     },
     entry_points={
         "console_scripts": [

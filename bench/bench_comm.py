@@ -44,8 +44,8 @@ def _measure(args):
     from megamoe.parallel import init_distributed, set_seed
     from megamoe.parallel.comm import COUNTER
     from megamoe.parallel.parallelize import build_parallel_model
+    from megamoe.training import make_runner, train_step
     from megamoe.training.optimizer import build_optimizer
-    from megamoe.training.trainer import make_runner, train_step
 
     cfg = _config(args)
     topo = init_distributed(cfg.parallel)
@@ -70,7 +70,7 @@ def _measure(args):
 
 def analytic(cfg, tp: int, ep: int, element: int = 4) -> dict:
     """Minimum bytes per rank per step (one micro-batch) by kind, for the layout."""
-    from megamoe.model.lm import block_kinds
+    from megamoe.config import block_kinds
     m = cfg.model
     tokens = cfg.training.micro_batch_size * cfg.data.seq_length
     ring = 2 * (tp - 1) / tp

@@ -95,8 +95,8 @@ def main():
     shapes = QUICK_SHAPES if args.quick else GPU_SHAPES if device == "cuda" else CPU_SHAPES
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {args.threads} threads"
     print(f"Switch experts fwd+bwd, gelu, {name}, torch {torch.__version__}, median of {args.reps}")
-    print(f"| experts | tokens | d_model | d_ffn | dtype | indexed loop ms | loop ms | grouped ms "
-          f"| loop / grouped | max rel diff |")
+    print("| experts | tokens | d_model | d_ffn | dtype | indexed loop ms | loop ms | grouped ms "
+          "| loop / grouped | max rel diff |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     ok = True
     for dtype in dtypes:

@@ -35,8 +35,8 @@ def _config(args, pp: int, vpp, schedule: str, micro: int):
 def _step_time(args, pp: int, vpp, schedule: str, micro: int) -> float:
     from megamoe.parallel import init_distributed, set_seed
     from megamoe.parallel.parallelize import build_parallel_model
+    from megamoe.training import make_runner, train_step
     from megamoe.training.optimizer import build_optimizer
-    from megamoe.training.trainer import make_runner, train_step
 
     torch.set_num_threads(1)
     cfg = _config(args, pp, vpp, schedule, micro)

@@ -18,14 +18,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megamoe.data import load_tokenizer, preprocess, train_tokenizer, write_default_corpus  # noqa: E402
-from megamoe.data.indexed import megatron_indexed, optimal_dtype  # noqa: E402
+from megamoe.data.indexed import indexed_dataset, optimal_dtype  # noqa: E402
 
 
 def plain_loop(corpus: str, tokenizer_model: str, prefix: str) -> dict:
     """The reference: what a minimal script does, one process, no checks."""
     start = time.perf_counter()
     tok = load_tokenizer(tokenizer_model)
-    builder = megatron_indexed().IndexedDatasetBuilder(prefix + ".bin", dtype=optimal_dtype(tok.vocab_size))
+    builder = indexed_dataset.IndexedDatasetBuilder(prefix + ".bin", dtype=optimal_dtype(tok.vocab_size))
     docs = nbytes = 0
     with open(corpus, "rb") as f:
         for line in f:
@@ -70,7 +70,6 @@ def main(argv=None) -> int:
     corpus = os.path.join(work, "corpus.jsonl")
     stats = write_default_corpus(corpus, max_bytes=int(args.mb * 1e6))
     tokenizer = train_tokenizer([corpus], os.path.join(work, "tok"), args.vocab_size, max_sentences=20000)
-    megatron_indexed()  # import outside the timings
     print(f"corpus: {stats['documents']} documents, {stats['bytes'] / 1e6:.1f} MB (Python stdlib); "
           f"tokenizer: {args.vocab_size}-piece BPE; cores: {os.cpu_count()}, load average before: "
           f"{os.getloadavg()[0]:.1f}")

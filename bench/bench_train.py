@@ -51,8 +51,8 @@ def megamoe_step(args, pattern: str):
     from megamoe.model import count_parameters
     from megamoe.parallel import destroy_distributed, init_distributed
     from megamoe.parallel.parallelize import build_parallel_model
+    from megamoe.training import make_runner, train_step
     from megamoe.training.optimizer import build_optimizer
-    from megamoe.training.trainer import make_runner, train_step
 
     cfg = config_from_dict({"model": {"pattern": pattern, "d_model": args.d_model, "d_state": 16,
                                       "vocab_size": args.vocab, "num_experts": 8},

@@ -1,12 +1,18 @@
-"""Run a function on N gloo ranks of this machine: the harness of every multi-process test.
+"""Helpers the tests share: run a function on N gloo ranks, and assemble full tensors from every rank's shards.
 
     results = run_on_ranks(fn, world_size=2, args=(...), timeout=120)
+    full = full_tensors({name: param}, topo, grads=False)     the global tensors, on every rank
+    logits = gather_from_tp(local_logits, topo.tp_group)      the last dimension gathered over TP
 
 `fn(*args)` runs in N fresh processes (spawned, so nothing of the parent's thread pools or CUDA state is
 inherited) with torchrun's variables set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so
 it can call `megamoe.parallel.init_distributed` exactly as a real run does. Returns each rank's return
 value, in rank order. When a rank raises, the error names the rank and shows its traceback; when the
 timeout passes, every process is killed and the error says which ranks had not finished.
+
+full_tensors: each rank writes its regions (sharding.ShardSpec) into a zero tensor of the global shape; one
+all-reduce over the world sums them and a second counts how many ranks wrote each element, so replicas average
+out. Simple and layout-agnostic, for checks; checkpoints go through torch.distributed.checkpoint.
 """
 from __future__ import annotations
 
@@ -17,7 +23,11 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-from megamoe.parallel.topology import free_port
+import torch
+import torch.distributed as dist
+
+from megamoe.parallel.sharding import ShardSpec, shard_spec
+from megamoe.parallel.topology import destroy_distributed, free_port
 
 
 class RankFailure(RuntimeError):
@@ -28,7 +38,6 @@ def _rank_main(fn, args, rank, world_size, port, threads, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        import torch
         torch.set_num_threads(threads)
         value = fn(*args)
         results.put((rank, True, value))
@@ -36,7 +45,6 @@ def _rank_main(fn, args, rank, world_size, port, threads, results):
         results.put((rank, False, traceback.format_exc()))
     finally:
         try:
-            from megamoe.parallel.topology import destroy_distributed
             destroy_distributed()
         except Exception:
             pass
@@ -78,3 +86,68 @@ def run_on_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), timeou
                 p.kill()
                 p.join()
     return [outcomes[r] for r in range(world_size)]
+
+
+def _ranks(p, topo) -> tuple:
+    expert = getattr(p, "is_expert", False)
+    return (topo.etp_rank if expert else topo.tp_rank, topo.etp if expert else topo.tp,
+            topo.ep_rank if expert else 0, topo.ep if expert else 1)
+
+
+def full_tensors(named: dict, topo, grads: bool = False) -> dict:
+    """{name: parameter} of this rank (any pipeline stage) -> {name: full tensor} on every rank, on CPU.
+    With grads=True, the parameters' gradients instead (zeros where a parameter has none)."""
+    names = sorted(named)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, {n: (shard_spec(named[n]) or ShardSpec(tuple(named[n].shape)),
+                                           str(named[n].dtype)) for n in names})
+        specs = {}
+        for d in every:
+            specs.update(d)
+        names = sorted(specs)
+    else:
+        specs = {n: (shard_spec(named[n]) or ShardSpec(tuple(named[n].shape)), str(named[n].dtype)) for n in names}
+    out = {}
+    for name in names:
+        spec, _ = specs[name]
+        total = torch.zeros(spec.global_shape, dtype=torch.float64, device=topo.device)
+        count = torch.zeros(spec.global_shape, dtype=torch.float64, device=topo.device)
+        p = named.get(name)
+        if p is not None:
+            local = p.grad if grads else p
+            local = torch.zeros_like(p) if local is None else local
+            for loc, glob, size in spec.regions(*_ranks(p, topo)):
+                src = local.detach()[tuple(slice(o, o + s) for o, s in zip(loc, size))]
+                dst = tuple(slice(o, o + s) for o, s in zip(glob, size))
+                total[dst] += src.double()
+                count[dst] += 1
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+        out[name] = (total / count.clamp(min=1)).float().cpu()
+    return out
+
+
+class _GatherLastDim(torch.autograd.Function):
+    # megatron-core's gather_from_tensor_model_parallel_region allocates on torch.cuda.current_device(),
+    # so this device-agnostic one is ours: all-gather forward, keep this rank's slice backward.
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        world = dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        return grad.chunk(world, dim=-1)[rank].contiguous(), None
+
+
+def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """All-gather of the last dimension over `group` forward, this rank's slice backward."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return _GatherLastDim.apply(x, group)

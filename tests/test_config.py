@@ -139,9 +139,24 @@ def test_recompute_block_method_takes_the_first_blocks_of_each_stage():
 
 
 def test_help_config_lists_every_key_with_its_default_alias_and_meaning():
-    from megamoe.config import _all_keys, describe_keys
+    from megamoe.config import all_keys, describe_keys
     text = describe_keys()
-    assert all(f"--{key} = " in text for key in _all_keys(Config()))
+    assert all(f"--{key} = " in text for key in all_keys(Config()))
     assert "  --model.capacity_factor = 1.0  # <= 0: no capacity limit (no dropping)" in text.splitlines()
     assert "--parallel.tensor_model_parallel_size = 1  (alias --tensor-model-parallel-size)" in text
     assert "training: Steps, batch sizes, precision" in text
+
+
+def test_data_path_weights_after_their_prefixes_fail_validation(tmp_path):
+    """`--data-path a 0.5 b 0.5` is caught with the fix before any process starts (it used to pass validation
+    and fail in the datasets, after the process groups were up); weight prefix pairs pass."""
+    for name in ("a", "b"):
+        for ext in (".bin", ".idx"):
+            (tmp_path / f"{name}{ext}").write_bytes(b"")
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(b"")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    cfg = build_config(None, ["--data-path", a, "0.5", b, "0.5", "--tokenizer-model", str(tok)])
+    with pytest.raises(ConfigError, match=r"give prefixes alone or weight prefix pairs, e.g. --data-path 0.7"):
+        cfg.validate(world_size=1)
+    build_config(None, ["--data-path", "0.5", a, "0.5", b, "--tokenizer-model", str(tok)]).validate(world_size=1)

@@ -11,9 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from megamoe.data import DataError, load_tokenizer
-from megamoe.evaluation import dataset_batches, dataset_chunks, evaluate_perplexity, text_batches, token_batches
-from megamoe.generation import load_for_inference
-
+from megamoe.inference import (
+    dataset_batches,
+    dataset_chunks,
+    evaluate_perplexity,
+    load_for_inference,
+    text_batches,
+    token_batches,
+)
 from tests.test_generation import ROOT, _tool, one_thread, save_tiny_checkpoint, tiny_model  # noqa: F401
 
 

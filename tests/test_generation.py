@@ -11,14 +11,21 @@ import torch
 
 from megamoe import checkpoint
 from megamoe.config import ModelConfig, config_from_dict
-from megamoe.generation import (InferenceError, allocate_cache, filter_logits, forward_cached, generate,
-                                load_for_inference, sample)
+from megamoe.inference import (
+    InferenceError,
+    allocate_cache,
+    filter_logits,
+    forward_cached,
+    generate,
+    load_for_inference,
+    sample,
+)
 from megamoe.model import build_model
-from megamoe.training.trainer import TrainState
+from megamoe.training import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 64
-# MoE models get capacity_factor 0: decoding never drops a token (see megamoe/generation.py), and a full
+# MoE models get capacity_factor 0: decoding never drops a token (see megamoe/inference/generation.py), and a full
 # forward with a capacity limit may, so the two agree only without one.
 MODELS = {
     "mamba": dict(pattern="MMM"),
@@ -182,8 +189,8 @@ def _tool(name):
 
 
 def test_generate_cli(tmp_path, tiny_corpus, capsys, monkeypatch):
-    from megamoe.data import load_tokenizer
     from megamoe.checkpoint.convert import reshard
+    from megamoe.data import load_tokenizer
     root, model, _ = save_tiny_checkpoint(tmp_path / "ckpt", tiny_corpus)
     # stored as a TP 2 x EP 2 run would have saved it: it still loads whole into one process
     resharded = reshard(root, str(tmp_path / "tp2ep2"), tp=2, ep=2)
@@ -208,7 +215,7 @@ def test_generate_cli(tmp_path, tiny_corpus, capsys, monkeypatch):
     assert tool.main(["--load", root, "--tokenizer-model", str(tmp_path / "none.model")]) == 2
     err = capsys.readouterr().err.strip()
     assert "none.model does not exist" in err and len(err.splitlines()) == 1
-    monkeypatch.setattr("megamoe.generation._available_bytes", lambda device: 1000)
+    monkeypatch.setattr("megamoe.inference.loading.available_bytes", lambda device: 1000)
     assert tool.main(["--load", root]) == 2
     err = capsys.readouterr().err.strip()
     assert "more than the 0.0 GiB of cpu memory available here" in err and len(err.splitlines()) == 1

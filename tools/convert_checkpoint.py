@@ -18,9 +18,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from megamoe.checkpoint import CheckpointError  # noqa: E402
 from megamoe.checkpoint.convert import inspect, reshard  # noqa: E402
-from megamoe.export import consolidate, export_hf  # noqa: E402
+from megamoe.checkpoint.export import consolidate, export_hf  # noqa: E402
+from megamoe.errors import CheckpointError, UserError  # noqa: E402
 
 LAYOUT_KEYS = ("tp", "pp", "ep", "etp", "dp")
 
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                 raise CheckpointError("--format dcp needs --target-layout (e.g. tp=1,pp=1,ep=4); a checkpoint "
                                       "already loads into any layout, this only re-cuts its stored chunks")
             out = reshard(args.checkpoint, args.output, **parse_layout(args.target_layout))
-    except CheckpointError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

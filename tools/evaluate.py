@@ -7,7 +7,7 @@
 --split valid|test takes that part of --data-path (default: the checkpoint's training data) with the run's
 split weights (--split-weights to change them); --data-path alone takes the whole dataset. Every token is
 scored once, in windows of --seq-length (default: the run's) that carry no context between them
-(megamoe/evaluation.py). Prints loss and perplexity; --json prints one JSON object instead.
+(megamoe/inference/evaluation.py). Prints loss and perplexity; --json prints one JSON object instead.
 """
 import argparse
 import json
@@ -17,13 +17,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from megamoe.checkpoint import CheckpointError  # noqa: E402
-from megamoe.data import DataError  # noqa: E402
-from megamoe.evaluation import dataset_batches, evaluate_perplexity, text_batches  # noqa: E402
-from megamoe.generation import (InferenceError, checkpoint_config, checkpoint_tokenizer,  # noqa: E402
-                                load_for_inference)
+import torch  # noqa: E402
 
-USER_ERRORS = (CheckpointError, DataError, InferenceError)
+from megamoe.checkpoint import load_config  # noqa: E402
+from megamoe.errors import DataError, UserError  # noqa: E402
+from megamoe.inference import (  # noqa: E402
+    checkpoint_tokenizer,
+    dataset_batches,
+    evaluate_perplexity,
+    load_for_inference,
+    text_batches,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +78,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.threads:
-            import torch
             torch.set_num_threads(args.threads)
-        cfg = checkpoint_config(args.load)
+        cfg = load_config(args.load)
         seq_length = args.seq_length or cfg.data.seq_length
         if seq_length < 1 or args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
             raise DataError(f"--seq-length {seq_length}, --batch-size {args.batch_size} and --max-batches "
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
         print(f"loaded {args.load} in {time.perf_counter() - start:.1f} s; scoring {source}", file=sys.stderr)
         start = time.perf_counter()
         result = evaluate_perplexity(model, batches, args.max_batches, args.capacity_factor)
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     result.update(source=source, seq_length=seq_length, seconds=time.perf_counter() - start)

@@ -15,12 +15,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from megamoe.checkpoint import CheckpointError  # noqa: E402
-from megamoe.data import DataError  # noqa: E402
-from megamoe.generation import (InferenceError, checkpoint_config, checkpoint_tokenizer, generate,  # noqa: E402
-                                load_for_inference)
+import torch  # noqa: E402
 
-USER_ERRORS = (CheckpointError, DataError, InferenceError)
+from megamoe.checkpoint import load_config  # noqa: E402
+from megamoe.errors import DataError, InferenceError, UserError  # noqa: E402
+from megamoe.inference import checkpoint_tokenizer, generate, load_for_inference  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +49,6 @@ def main(argv=None) -> int:
         if args.num_samples < 1:
             raise InferenceError(f"--num-samples {args.num_samples} must be >= 1")
         if args.threads:
-            import torch
             torch.set_num_threads(args.threads)
         text = args.prompt
         if args.prompt_file:
@@ -59,7 +57,7 @@ def main(argv=None) -> int:
             with open(args.prompt_file, encoding="utf-8") as f:
                 text = f.read()
         start = time.perf_counter()
-        tokenizer = checkpoint_tokenizer(checkpoint_config(args.load), args.tokenizer_model)  # before the model
+        tokenizer = checkpoint_tokenizer(load_config(args.load), args.tokenizer_model)  # before the model
         model, _ = load_for_inference(args.load, args.device)
         ids = tokenizer.encode(text) or [tokenizer.eod]
         loaded = time.perf_counter()
@@ -69,7 +67,7 @@ def main(argv=None) -> int:
         rows = generate(model, [ids] * args.num_samples, args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, eod=None if args.no_stop_at_eod else tokenizer.eod,
                         seed=seed, vocab_size=tokenizer.vocab_size)
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"generate: error: {e}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - loaded

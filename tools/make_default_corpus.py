@@ -12,7 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from megamoe.data import DataError, write_default_corpus  # noqa: E402
+from megamoe.data import write_default_corpus  # noqa: E402
+from megamoe.errors import UserError  # noqa: E402
 
 
 def parse_size(text: str) -> int:
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         stats = write_default_corpus(args.output, max_bytes=args.max_bytes)
-    except DataError as e:
+    except UserError as e:
         print(f"make_default_corpus: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {stats['path']}: {stats['documents']} documents, {stats['bytes'] / 1e6:.1f} MB from "

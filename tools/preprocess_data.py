@@ -15,7 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from megamoe.data import DataError, preprocess  # noqa: E402
+from megamoe.data import preprocess  # noqa: E402
+from megamoe.errors import DataError, UserError  # noqa: E402
 
 SENTENCEPIECE_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
 
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
         stats = preprocess(args.input, args.tokenizer_model, args.output_prefix, json_keys=args.json_keys,
                            append_eod=args.append_eod, workers=args.workers, partitions=args.partitions,
                            strict=args.strict, log_interval=args.log_interval, text_mode=args.text_mode)
-    except DataError as e:
+    except UserError as e:
         print(f"preprocess_data: error: {e}", file=sys.stderr)
         return 2
     skipped = sum(stats["skipped"].values())

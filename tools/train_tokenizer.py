@@ -13,8 +13,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from megamoe.data import DataError, train_tokenizer  # noqa: E402
+from megamoe.data import train_tokenizer  # noqa: E402
 from megamoe.data.tokenizer import MODEL_TYPES  # noqa: E402
+from megamoe.errors import UserError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
                                json_keys=args.json_keys, user_defined_symbols=args.user_defined_symbols,
                                character_coverage=args.character_coverage, text_mode=args.text_mode,
                                num_threads=args.num_threads, verbose=args.verbose, stats=stats)
-    except DataError as e:
+    except UserError as e:
         print(f"train_tokenizer: error: {e}", file=sys.stderr)
         return 2
     skipped = sum(stats["skipped"].values())

@@ -1,8 +1,12 @@
 """Checkpoints with torch.distributed.checkpoint (DCP), free of the parallel layout they were saved in.
 
     save(root, model, optimizer, state, cfg, topo) -> folder     every rank calls it
-    load(path, model, optimizer, cfg, topo) -> TrainState        any layout; optimizer=None: model only
+    load(path, model, optimizer, cfg, topo, state) -> dict       any layout; optimizer=None: model only
     resolve(path), read_marker(path), load_config(path), CheckpointError
+
+`state` is the training loop's state (step, consumed samples, ...): any object with `state_dict()` (a dict of
+plain values holding "step") and `load_state_dict(d)`, handed in by the caller, so this package never imports
+the training code (torchtitan hands its checkpointer `states={"train_state": ...}` the same way).
 
 Every tensor is stored by its global name and shape, each rank writing the boxes of it that it holds and
 reading back the boxes it needs (boxes.py), so a checkpoint saved with one TP/PP/EP/DP layout loads into any
@@ -14,7 +18,7 @@ saved and loaded as it. Optimizer state is saved for, and loaded into, the param
 holds (with ZeRO-1, the ones the rank owns; the owners of all ranks together cover every parameter).
 Beside the DCP files: rng_rank<r>.pt, config.yaml (the resolved config) and megamoe.json (step, train state,
 model config, layout, file sizes and CRC32s), written last; folder.py makes the save atomic. Offline
-conversion and inspection: convert.py; export to safetensors and HF transformers: megamoe/export.py.
+conversion and inspection: convert.py; export to safetensors and HF transformers: export.py.
 """
 from __future__ import annotations
 
@@ -25,14 +29,40 @@ from typing import Optional
 
 import torch
 
-from megamoe.checkpoint.boxes import (MODEL, OPTIM, Boxes, canonical_name, gather_all, model_entries,
-                                      optimizer_entries, param_boxes, param_names, rank_and_world, read_entries,
-                                      read_metadata, state_boxes, write_entries)
-from megamoe.checkpoint.errors import CheckpointError
-from megamoe.checkpoint.folder import (FORMAT_VERSION, LATEST, MARKER, barrier, check_files, check_storage,
-                                       complete_checkpoints, finalize, load_config, new_tmp, raise_if, read_marker,
-                                       resolve, step_name)
+from megamoe.checkpoint.boxes import (
+    MODEL,
+    OPTIM,
+    Boxes,
+    canonical_name,
+    gather_all,
+    model_entries,
+    optimizer_entries,
+    param_boxes,
+    param_names,
+    rank_and_world,
+    read_entries,
+    read_metadata,
+    state_boxes,
+    write_entries,
+)
+from megamoe.checkpoint.folder import (
+    FORMAT_VERSION,
+    LATEST,
+    MARKER,
+    barrier,
+    check_files,
+    check_storage,
+    complete_checkpoints,
+    finalize,
+    load_config,
+    new_tmp,
+    raise_if,
+    read_marker,
+    resolve,
+    step_name,
+)
 from megamoe.config import Config
+from megamoe.errors import CheckpointError
 from megamoe.parallel.random import get_rng_state, set_rng_state
 
 __all__ = ["Boxes", "CheckpointError", "LATEST", "MARKER", "MODEL", "OPTIM", "canonical_name", "check_model_config",
@@ -47,14 +77,11 @@ def layout_of(topo) -> dict:
     return dict(tp=topo.tp, pp=topo.pp, ep=topo.ep, etp=topo.etp, dp=topo.dp, world_size=topo.world_size)
 
 
-def _train_state_dict(state) -> dict:
-    return dataclasses.asdict(state) if dataclasses.is_dataclass(state) else dict(vars(state))
-
-
 def save(root: str, model, optimizer, state, cfg: Config, topo) -> str:
-    """Save model, optimizer state, train state, RNG and config of `state.step` under `root` (every rank
-    calls it); returns the final folder."""
-    name = step_name(state.step)
+    """Save model, optimizer state, train state (`state.state_dict()`), RNG and config of that state's step under
+    `root` (every rank calls it); returns the final folder."""
+    train_state = state.state_dict()
+    name = step_name(train_state["step"])
     tmp = new_tmp(root, name, topo)
     entries = model_entries(model, cfg, topo)
     if optimizer is not None:
@@ -68,7 +95,7 @@ def save(root: str, model, optimizer, state, cfg: Config, topo) -> str:
     groups = [] if optimizer is None else [
         {k: v for k, v in g.items() if k != "params" and isinstance(v, (bool, int, float, str, type(None)))}
         for g in optimizer.param_groups]
-    marker = dict(format_version=FORMAT_VERSION, step=state.step, train_state=_train_state_dict(state),
+    marker = dict(format_version=FORMAT_VERSION, step=train_state["step"], train_state=train_state,
                   model=dataclasses.asdict(cfg.model), layout=layout_of(topo), optimizer=optimizer is not None,
                   optimizer_groups=groups, saved_at=datetime.datetime.now().isoformat(timespec="seconds"),
                   torch=torch.__version__)
@@ -146,13 +173,12 @@ def _apply_optimizer_state(optimizer, states: dict, marker: dict) -> None:
     optimizer.load_state_dict(sd)
 
 
-def load(path: str, model, optimizer, cfg: Config, topo, verify: bool = True, rng: Optional[bool] = None):
-    """Load a checkpoint (or `path`'s latest) into this rank's model, and optimizer when given, in any
-    layout; returns the saved TrainState. Every rank calls it. verify: check file sizes and CRC32s first.
-    rng: restore the random generators; by default when resuming (an optimizer given), while a model-only
-    load (inference, export) leaves the caller's alone."""
-    from megamoe.training.trainer import TrainState
-
+def load(path: str, model, optimizer, cfg: Config, topo, state=None, verify: bool = True,
+         rng: Optional[bool] = None) -> dict:
+    """Load a checkpoint (or `path`'s latest) into this rank's model, and optimizer when given, in any layout;
+    `state.load_state_dict` gets the saved train state, which is also returned (a dict). Every rank calls it.
+    verify: check file sizes and CRC32s first. rng: restore the random generators; by default when resuming (an
+    optimizer given), while a model-only load (inference, export) leaves the caller's alone."""
     path = resolve(path)
     marker = read_marker(path)
     check_model_config(marker, cfg, path)
@@ -184,5 +210,6 @@ def load(path: str, model, optimizer, cfg: Config, topo, verify: bool = True, rn
         rng_file = os.path.join(path, f"rng_rank{rank if same_layout else 0}.pt")
         if os.path.isfile(rng_file):  # every rank draws the same streams (parallel/random.py): rank 0's fit any
             set_rng_state(torch.load(rng_file, weights_only=False))
-    fields = {f.name for f in dataclasses.fields(TrainState)}
-    return TrainState(**{k: v for k, v in marker["train_state"].items() if k in fields})  # older keys dropped
+    if state is not None:
+        state.load_state_dict(marker["train_state"])
+    return marker["train_state"]

@@ -27,8 +27,8 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megamoe.checkpoint.errors import CheckpointError
 from megamoe.config import Config
+from megamoe.errors import CheckpointError
 from megamoe.parallel.sharding import shard_spec
 
 MODEL, OPTIM = "model.", "optimizer.state."

@@ -3,9 +3,8 @@ another layout, describe it.
 
 A checkpoint loads into any layout as it is (every rank reads the parts of the saved chunks its boxes need).
 `reshard` rewrites it so that its stored chunks are exactly the boxes of a target layout (TP2 EP2 -> TP1 EP4:
-each rank of the target reads one chunk per tensor), after checking that the target divides the model.
-`split_rule` says how megamoe.parallel shards each parameter, from its name alone, so no ranks are needed;
-tests/checkpoint/test_layouts.py holds it against the live parallelize.
+each rank of the target reads one chunk per tensor), after checking that the target divides the model. How each
+parameter splits is the sharding plan (megamoe/parallel/plan.py), the table the live parallelize reads too.
 """
 from __future__ import annotations
 
@@ -17,13 +16,9 @@ import shutil
 import torch
 
 from megamoe.checkpoint.boxes import MODEL, OPTIM, Boxes, read_entries, read_metadata, write_entries
-from megamoe.checkpoint.errors import CheckpointError
 from megamoe.checkpoint.folder import finalize, load_config, new_tmp, read_marker, resolve, step_name
-from megamoe.config import ConfigError, ModelConfig
-from megamoe.parallel.sharding import ShardSpec
-
-MOE_IN_MAMBA = (".mixer.conv_proj.", ".mixer.gate_proj.", ".mixer.out_proj.experts.")
-COLUMN = ("conv1d.weight", "conv1d.bias", "dt_proj.weight", "dt_proj.bias", "A_log", "D")
+from megamoe.errors import CheckpointError, ConfigError
+from megamoe.parallel.plan import layout_boxes
 
 
 def read_tensors(path: str, prefix: str = MODEL) -> dict:
@@ -36,54 +31,6 @@ def read_tensors(path: str, prefix: str = MODEL) -> dict:
     return {k[len(prefix):]: e.local for k, e in entries.items()}
 
 
-def split_rule(name: str, shape: tuple, model: ModelConfig) -> ShardSpec:
-    """How parallelize shards parameter `name` (global, without "model.") over TP (`dim`, split in
-    `partitions` blocks) and, for experts, over EP (`expert_dim`) and expert-TP; a spec without dims is
-    replicated."""
-    shape = tuple(shape)
-    if name in ("embedding.weight", "lm_head.weight"):
-        return ShardSpec(shape, 0)  # vocab-parallel rows
-    if ".experts." in name:
-        if any(k in name for k in MOE_IN_MAMBA):  # linear experts: no expert-TP
-            return ShardSpec(shape, None, expert_dim=0)
-        if name.endswith(".w1"):
-            swiglu = model.expert_activation == "swiglu"
-            return ShardSpec(shape, 2, (shape[2] // 2,) * 2 if swiglu else (), expert_dim=0)
-        return ShardSpec(shape, 1, expert_dim=0)
-    leaf = name.rsplit(".", 2)
-    sub = ".".join(leaf[-2:])
-    if ".mixer." in name and any(k in name for k in MOE_IN_MAMBA):
-        return ShardSpec(shape)  # routers of the MoE projections (TP is rejected with them)
-    if ".mixer." in name:
-        if sub in ("in_proj.weight", "in_proj.bias"):
-            return ShardSpec(shape, 0, (model.d_inner, model.d_inner))  # [x | z], each split by channel
-        if sub in COLUMN or leaf[-1] in ("A_log", "D"):
-            return ShardSpec(shape, 0)
-        if sub in ("x_proj.weight", "out_proj.weight"):
-            return ShardSpec(shape, 1)  # row-parallel
-    if sub in ("qkv.weight", "qkv.bias") and ".attention." in name:
-        return ShardSpec(shape, 0, (model.d_model,) * 3)
-    if sub in ("fc1.weight", "fc1.bias") and ".ffn." in name:
-        swiglu = model.expert_activation == "swiglu"
-        return ShardSpec(shape, 0, (shape[0] // 2,) * 2 if swiglu else ())
-    if sub in ("out_proj.weight", "fc2.weight"):
-        return ShardSpec(shape, 1)
-    return ShardSpec(shape)  # norms, routers, row-parallel biases
-
-
-def layout_boxes(name: str, shape: tuple, model: ModelConfig, tp: int, ep: int, etp: int) -> list:
-    """Every distinct box (global offsets, sizes) the ranks of a TP x EP (x ETP) layout hold of `name`."""
-    spec = split_rule(name, shape, model)
-    expert = spec.expert_dim is not None
-    boxes = []
-    for tp_rank in range(etp if expert else tp):
-        for ep_rank in range(ep if expert else 1):
-            for _, glob, size in spec.regions(tp_rank, etp if expert else tp, ep_rank, ep if expert else 1):
-                if (glob, size) not in boxes:
-                    boxes.append((glob, size))
-    return boxes
-
-
 def check_layout(path: str, tp: int = 1, pp: int = 1, ep: int = 1, etp=None, dp=None):
     """The checkpoint's config with the target layout, validated (every size divides what it splits).
     dp None: the fewest data-parallel replicas the expert grid needs."""
@@ -94,10 +41,7 @@ def check_layout(path: str, tp: int = 1, pp: int = 1, ep: int = 1, etp=None, dp=
     if dp is None:
         dp = math.lcm(tp * pp, p.resolved_etp * ep * pp) // (tp * pp)
     try:
-        p.validate(tp * pp * dp, cfg.model)
-        if pp > 1:
-            from megamoe.parallel.pipeline import stage_blocks
-            stage_blocks(cfg)
+        p.validate(tp * pp * dp, cfg.model)  # the pipeline stages too
     except ConfigError as e:
         raise CheckpointError(f"target layout for {path}: {e}") from e
     return cfg, dp

@@ -18,8 +18,8 @@ import zlib
 import yaml
 
 from megamoe.checkpoint.boxes import barrier, gather_all, rank_and_world, read_metadata
-from megamoe.checkpoint.errors import CheckpointError
-from megamoe.config import Config
+from megamoe.config import Config, config_from_dict
+from megamoe.errors import CheckpointError, ConfigError
 
 MARKER = "megamoe.json"
 LATEST = "latest"
@@ -98,10 +98,15 @@ def read_marker(path: str) -> dict:
 
 
 def load_config(path: str) -> Config:
-    """The full (resolved) config a checkpoint was saved with."""
-    from megamoe.config import config_from_dict
-    with open(os.path.join(resolve(path), "config.yaml")) as f:
-        return config_from_dict(yaml.safe_load(f))
+    """The full (resolved) config checkpoint `path` (or a --save folder's latest) was saved with; CheckpointError
+    when it cannot be read."""
+    path = resolve(path)
+    try:
+        with open(os.path.join(path, "config.yaml")) as f:
+            return config_from_dict(yaml.safe_load(f))
+    except (OSError, yaml.YAMLError, ConfigError) as e:
+        raise CheckpointError(f"--load: the config of {path} cannot be read ({e}); the checkpoint is damaged or "
+                              "from another megamoe version") from None
 
 
 def _crc32(path: str) -> int:

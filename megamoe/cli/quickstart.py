@@ -19,6 +19,8 @@ import time
 
 import yaml
 
+from megamoe.data import preprocess, train_tokenizer, write_default_corpus
+from megamoe.inference import checkpoint_tokenizer, generate, load_for_inference
 from megamoe.logging import get_logger, read_metrics
 
 log = get_logger()
@@ -30,8 +32,6 @@ VOCAB_SIZE = 4096
 
 def prepare_data(workdir: str, workers: int) -> tuple:
     """Corpus -> tokenizer -> .bin/.idx under workdir; returns (data prefix, tokenizer model)."""
-    from megamoe.data import preprocess, train_tokenizer, write_default_corpus
-
     corpus = os.path.join(workdir, "corpus.jsonl")
     if not os.path.exists(corpus):
         log.info(f"[1/4] extracting the default corpus (Python's standard library) to {corpus}")
@@ -51,7 +51,6 @@ def prepare_data(workdir: str, workers: int) -> tuple:
 
 def sample(checkpoint: str, prompt: str = "def ", tokens: int = 48) -> str:
     """A continuation of `prompt` by the trained model (recurrent decoding, one process, fixed seed)."""
-    from megamoe.generation import checkpoint_tokenizer, generate, load_for_inference
     model, cfg = load_for_inference(checkpoint)
     tokenizer = checkpoint_tokenizer(cfg)
     ids = generate(model, tokenizer.encode(prompt), tokens, temperature=0.8, top_p=0.95, seed=0,

@@ -10,22 +10,22 @@ are accepted too. `--help-config` lists them all.
 import argparse
 import sys
 
-from megamoe.checkpoint import CheckpointError
-from megamoe.config import ConfigError, add_config_arguments, build_config, describe_keys
-from megamoe.data import DataError
-
-# Errors in what the user gave (config, data, checkpoint): one clear line, no traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+from megamoe.config import add_config_arguments, build_config, describe_keys
+from megamoe.data import load_tokenizer
+from megamoe.errors import ConfigError, UserError
+from megamoe.model import count_parameters
+from megamoe.training import train
 
 
 def print_params(cfg) -> None:
-    """Total and active parameters, with and without embeddings (the paper counts without)."""
-    from megamoe.model import count_parameters
+    """Total and active parameters, with and without embeddings (the paper counts without), of the model training
+    builds: its vocabulary padded as training pads it."""
     if cfg.model.vocab_size is None:
         if not cfg.data.tokenizer_model:
             raise ConfigError("--print-params needs the vocabulary: set --model.vocab_size or --tokenizer-model")
-        from megamoe.data import load_tokenizer
-        cfg.model.vocab_size = load_tokenizer(cfg.data.tokenizer_model).vocab_size
+        cfg.model.vocab_size = cfg.model.padded_vocab_size(load_tokenizer(cfg.data.tokenizer_model).vocab_size,
+                                                           cfg.parallel.tensor_model_parallel_size,
+                                                           cfg.data.tokenizer_model)
     c = count_parameters(cfg.model)
     print(f"pattern {cfg.model.pattern}, d_model {cfg.model.d_model}, vocab {cfg.model.vocab_size}")
     print(f"{'':<22}{'total':>10}{'active':>10}")
@@ -48,9 +48,8 @@ def main(argv=None) -> int:
         if args.print_params:
             print_params(cfg)
             return 0
-        from megamoe.training.trainer import train
         summary = train(cfg)
-    except USER_ERRORS as e:
+    except UserError as e:  # what the user gave (config, data, checkpoint): one clear line, no traceback
         print(f"megamoe-train: error: {e}", file=sys.stderr)
         return 2
     final = summary["final"]

@@ -15,7 +15,7 @@ import sysconfig
 import time
 from typing import Iterator, Optional
 
-from megamoe.data.errors import DataError
+from megamoe.errors import DataError
 
 # Not the standard library itself: installed packages, compiled extensions, build files.
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "lib-dynload"}

@@ -17,7 +17,6 @@ that folder must be on a filesystem every rank sees (as in Megatron-LM).
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import os
 import signal
@@ -27,46 +26,25 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from megatron.core.datasets.blended_dataset import BlendedDataset
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-from megamoe.data.errors import DataError
+from megamoe.config import parse_data_path
 from megamoe.data.indexed import check_indexed_dataset, check_tokenizer_matches
 from megamoe.data.tokenizer import load_tokenizer
+from megamoe.errors import DataError
 from megamoe.logging import get_logger
 
 log = get_logger()
 
 
-def _is_number(s) -> bool:
-    try:
-        float(s)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def parse_data_path(data_path: Sequence[str]) -> tuple:
-    """--data-path: prefixes alone, or weight prefix pairs -> (prefixes, weights or None)."""
-    items = [str(x) for x in data_path]
-    if not items:
-        raise DataError("no --data-path given; pass the prefix tools/preprocess_data.py printed")
-    numbers = [_is_number(x) for x in items]
-    if not any(numbers):
-        return items, None
-    if len(items) % 2 or numbers[0::2] != [True] * (len(items) // 2) or any(numbers[1::2]):
-        raise DataError(f"--data-path {' '.join(items)}: give prefixes alone or weight prefix pairs, "
-                        "e.g. --data-path 0.7 data/a_text_document 0.3 data/b_text_document")
-    weights = [float(w) for w in items[0::2]]
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise DataError(f"--data-path weights {weights} must be >= 0 and not all 0")
-    return items[1::2], weights
-
-
 def split_document_ranges(num_docs: int, split: str) -> list:
     """[beg, end) documents of train/valid/test for --split, with megatron-core's rounding."""
-    with warnings.catch_warnings():  # megatron-core warns on import that TE and apex are missing
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.blended_megatron_dataset_config import (
-            convert_split_vector_to_split_matrix, parse_and_normalize_split)
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     return [None if m is None else (int(round(m[0] * num_docs)), int(round(m[1] * num_docs))) for m in matrix]
 
@@ -84,36 +62,24 @@ def _cache_dir(prefixes: Sequence[str], cache_path: Optional[str]) -> str:
     return os.path.join(tempfile.gettempdir(), "megamoe_index_cache")
 
 
-@functools.lru_cache(maxsize=None)
-def _megatron():
-    """megatron-core's dataset classes, imported on first use (quietly: it warns about TE/apex on CPU)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.blended_dataset import BlendedDataset
-        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+class _Builder(BlendedMegatronDatasetBuilder):
+    """Without torch.distributed, megatron-core's BlendedDataset asks for the rank when its cache misses; there
+    it builds its (cheap) blending index without the cache instead."""
 
-    class Builder(BlendedMegatronDatasetBuilder):
-        """Without torch.distributed, megatron-core's BlendedDataset asks for the rank when its cache
-        misses; there it builds its (cheap) blending index without the cache instead."""
-
-        @staticmethod
-        def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):
-            if cls is not BlendedDataset or torch.distributed.is_initialized():
-                return BlendedMegatronDatasetBuilder.build_generic_dataset(
-                    cls, is_built_on_rank, synchronize_ranks, *args)
-            datasets, weights, size, config = args
-            config = copy.copy(config)
-            config.path_to_cache = None
-            quiet = logging.getLogger("megatron.core.datasets.blended_dataset")
-            level = quiet.level
-            quiet.setLevel(logging.ERROR)  # it warns that it has no cache, which is the point here
-            try:
-                return cls(datasets, weights, size, config)
-            finally:
-                quiet.setLevel(level)
-
-    return Builder, GPTDataset, GPTDatasetConfig
+    @staticmethod
+    def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):
+        if cls is not BlendedDataset or torch.distributed.is_initialized():
+            return BlendedMegatronDatasetBuilder.build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args)
+        datasets, weights, size, config = args
+        config = copy.copy(config)
+        config.path_to_cache = None
+        quiet = logging.getLogger("megatron.core.datasets.blended_dataset")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # it warns that it has no cache, which is the point here
+        try:
+            return cls(datasets, weights, size, config)
+        finally:
+            quiet.setLevel(level)
 
 
 def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, seed: int, tokenizer,
@@ -139,7 +105,6 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
         weights = None
     elif weights is None:  # blend in proportion to size, and let megatron-core repeat epochs as needed
         weights = [float(info["tokens"]) for info in docs]
-    Builder, GPTDataset, GPTDatasetConfig = _megatron()
     cache = _cache_dir(prefixes, cache_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -150,7 +115,7 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
         matrix = config.split_matrix
         config.split_matrix = [matrix[0], matrix[1] if valid_ok else None, None]  # the test split is held out
         try:
-            train, valid, _ = Builder(GPTDataset, [num_train, num_valid if valid_ok else 0, 0],
+            train, valid, _ = _Builder(GPTDataset, [num_train, num_valid if valid_ok else 0, 0],
                                       lambda: True, config).build()
         except FileNotFoundError as e:
             raise DataError(f"the dataset index cache {cache} written by rank 0 is not readable here ({e}); "

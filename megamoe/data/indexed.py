@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import warnings
 from typing import Optional, Sequence
 
 import numpy as np
+from megatron.core.datasets import indexed_dataset
 
-from megamoe.data.errors import DataError
+from megamoe.errors import DataError
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 HEADER_BYTES = 34
@@ -25,14 +25,6 @@ DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.
           8: np.uint16}
 SIDECAR_FORMAT = "megamoe-indexed-dataset-sidecar-v1"
 _REPREPROCESS = "re-run tools/preprocess_data.py to write it again"
-
-
-def megatron_indexed():
-    """megatron-core's indexed_dataset module, imported quietly (it warns about TE/apex on CPU)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets import indexed_dataset
-    return indexed_dataset
 
 
 def optimal_dtype(vocab_size: int):
@@ -165,7 +157,7 @@ def publish(tmp_prefix: str, prefix: str) -> None:
 
 def concatenate(prefixes: Sequence[str], tmp_prefix: str, dtype) -> None:
     """Concatenate indexed datasets in order into <tmp_prefix>.bin/.idx with megatron-core's builder."""
-    builder = megatron_indexed().IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=dtype)
+    builder = indexed_dataset.IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=dtype)
     for p in prefixes:
         builder.add_index(p)
     builder.finalize(tmp_prefix + ".idx")

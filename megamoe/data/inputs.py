@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
-from megamoe.data.errors import DataError
+from megamoe.errors import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TEXT_MODES = ("file", "line")

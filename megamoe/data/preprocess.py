@@ -24,13 +24,22 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
-from megamoe.data.errors import DataError
-from megamoe.data.indexed import (concatenate, megatron_indexed, optimal_dtype, publish, remove_quietly,
-                                  write_sidecar)
-from megamoe.data.inputs import (Range, check_keys_for_text, is_gzip, is_jsonl, iter_raw, line_base,
-                                 parse_record, resolve_inputs, split_ranges)
+from megamoe.data.indexed import concatenate, indexed_dataset, optimal_dtype, publish, remove_quietly, write_sidecar
+from megamoe.data.inputs import (
+    Range,
+    check_keys_for_text,
+    is_gzip,
+    is_jsonl,
+    iter_raw,
+    line_base,
+    parse_record,
+    resolve_inputs,
+    split_ranges,
+)
 from megamoe.data.tokenizer import Tokenizer, load_tokenizer
+from megamoe.errors import DataError
 from megamoe.logging import get_logger
 
 log = get_logger()
@@ -142,7 +151,7 @@ class _Writer:
     """One megatron-core IndexedDatasetBuilder per JSON key, at temporary prefixes."""
 
     def __init__(self, prefixes: Sequence[str], dtype):
-        builder = megatron_indexed().IndexedDatasetBuilder
+        builder = indexed_dataset.IndexedDatasetBuilder
         self.prefixes = list(prefixes)
         self.builders = [builder(p + ".bin", dtype=dtype) for p in self.prefixes]
 
@@ -194,7 +203,6 @@ class _Progress:
         self.enabled = enabled
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", leave=False)
 
     def show(self, docs: int, nbytes: int) -> None:
@@ -303,7 +311,6 @@ def preprocess(inputs: Sequence[str] | str, tokenizer_model: str, output_prefix:
     files = resolve_inputs(inputs)
     check_keys_for_text(files, keys, text_mode)
     tokenizer = load_tokenizer(tokenizer_model)
-    megatron_indexed()  # import once here, so forked workers inherit it rather than each importing it
     job = _Job(tokenizer._proto, keys, append_eod, strict, text_mode, optimal_dtype(tokenizer.vocab_size))
     outputs = {k: f"{output_prefix}_{k}_document" for k in keys}
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)

@@ -21,8 +21,8 @@ from typing import Iterator, Optional, Sequence
 
 import sentencepiece as spm
 
-from megamoe.data.errors import DataError
 from megamoe.data.inputs import iter_texts, resolve_inputs
+from megamoe.errors import DataError
 
 MODEL_TYPES = ("bpe", "unigram", "char", "word")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3

@@ -1,10 +1,34 @@
 """The model, plain PyTorch with no ranks in it: Mamba-1 mixer, Switch MoE, attention, FFN, the LM."""
-from megamoe.model.attention import Attention, FeedForward
-from megamoe.model.lm import Block, LMOutput, MambaLM, RMSNorm, block_kinds, build_model, count_parameters
+from megamoe.model.attention import Attention, FeedForward, KVCache
+from megamoe.model.lm import (
+                              Block,
+                              LMOutput,
+                              MambaLM,
+                              MoETotals,
+                              RMSNorm,
+                              active_parameters,
+                              build_model,
+                              count_parameters,
+                              cross_entropy,
+                              masked_mean,
+                              meta_model,
+                              moe_summary,
+                              stream_seed,
+)
 from megamoe.model.mamba import MambaMixer
-from megamoe.model.moe import (Experts, SwitchMoE, SwitchRouter, attach_aux_loss, aux_loss_scale,
-                               load_balancing_loss)
+from megamoe.model.moe import (
+                              Experts,
+                              LocalDispatcher,
+                              SwitchMoE,
+                              SwitchRouter,
+                              attach_aux_loss,
+                              aux_loss_scale,
+                              grouped_gemm_supported,
+                              load_balancing_loss,
+                              moe_capacity,
+)
 
-__all__ = ["Attention", "Block", "Experts", "FeedForward", "LMOutput", "MambaLM", "MambaMixer", "RMSNorm",
-           "SwitchMoE", "SwitchRouter", "attach_aux_loss", "aux_loss_scale", "block_kinds", "build_model",
-           "count_parameters", "load_balancing_loss"]
+__all__ = ["Attention", "Block", "Experts", "FeedForward", "KVCache", "LMOutput", "LocalDispatcher", "MambaLM",
+           "MambaMixer", "MoETotals", "RMSNorm", "SwitchMoE", "SwitchRouter", "active_parameters", "attach_aux_loss",
+           "aux_loss_scale", "build_model", "count_parameters", "cross_entropy", "grouped_gemm_supported",
+           "load_balancing_loss", "masked_mean", "meta_model", "moe_capacity", "moe_summary", "stream_seed"]

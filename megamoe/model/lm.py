@@ -11,6 +11,8 @@ weights the whole model would have.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -19,25 +21,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from megamoe.config import ModelConfig
+from megamoe.config import ModelConfig, block_kinds
 from megamoe.model.attention import Attention, FeedForward
 from megamoe.model.mamba import MambaMixer
 from megamoe.model.moe import SwitchMoE
-from megamoe.parallel.random import stream_seed
-
-
-def block_kinds(cfg: ModelConfig) -> list:
-    """The blocks of the pattern, in order: "M", "E", "A", "F", or "ME" (a Parallel MoE-Mamba block)."""
-    letters = cfg.pattern.replace("|", "")
-    kinds, i = [], 0
-    while i < len(letters):
-        if cfg.parallel_moe and letters[i:i + 2] == "ME":
-            kinds.append("ME")
-            i += 2
-        else:
-            kinds.append(letters[i])
-            i += 1
-    return kinds
 
 
 class RMSNorm(nn.Module):
@@ -121,6 +108,12 @@ class Block(nn.Module):
             else:
                 out = out + sublayer(x)
         return out
+
+
+def stream_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from the run seed and a stream name; stable across processes and Python runs."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @contextlib.contextmanager
@@ -255,7 +248,6 @@ def build_model(cfg: ModelConfig, seed: int = 0, **stage) -> MambaLM:
 
 def meta_model(cfg: ModelConfig) -> MambaLM:
     """The model on the meta device (shapes, no memory): for counting parameters."""
-    import dataclasses
     with torch.device("meta"):
         return MambaLM(dataclasses.replace(cfg, vocab_size=cfg.vocab_size or 1))
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megamoe.config import mamba_d_inner, mamba_dt_rank
 from megamoe.ops import causal_conv1d, selective_scan, selective_state_update
 
 
@@ -39,8 +40,8 @@ class MambaMixer(nn.Module):
                  d_inner: Optional[int] = None, moe_factory=None, moe_projections: tuple = ()):
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
-        self.d_inner = d_inner or expand * d_model
-        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.d_inner = mamba_d_inner(d_model, expand, d_inner)
+        self.dt_rank = mamba_dt_rank(d_model, dt_rank)
         d_inner = self.d_inner
         self.moe_projections = tuple(moe_projections)
 

@@ -205,6 +205,21 @@ class RoutingStats:
     assignments: int
 
 
+@contextlib.contextmanager
+def moe_capacity(model: nn.Module, capacity_factor: Optional[float]):
+    """Run every Switch MoE of `model` (E blocks and MoE projections) with this capacity_factor (0: no limit);
+    None leaves them as configured. Restored on exit."""
+    moes = [m for m in model.modules() if isinstance(m, SwitchMoE)] if capacity_factor is not None else []
+    saved = [m.capacity_factor for m in moes]
+    for m in moes:
+        m.capacity_factor = capacity_factor
+    try:
+        yield
+    finally:
+        for m, c in zip(moes, saved):
+            m.capacity_factor = c
+
+
 class SwitchMoE(nn.Module):
     """Switch MoE layer; (batch, L, d_in) -> (batch, L, d_out). Sets `last_aux_loss`, `last_z_loss`, `last_stats`."""
 

@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from megamoe.ops import scan_cpu
+
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
@@ -16,8 +18,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     """u, delta, z: (batch, d_inner, L); A: (d_inner, d_state); B, C: (batch, d_state, L);
     D, delta_bias: (d_inner,). Returns y (batch, d_inner, L) in u's dtype [and the last state
     (batch, d_inner, d_state) in float32]. Differentiable in every tensor input."""
-    if u.is_cuda:
-        from megamoe.kernels.selective_scan import selective_scan_triton as impl
-    else:
-        from megamoe.ops.scan_cpu import selective_scan_cpu as impl
-    return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if u.is_cuda:  # Triton is imported on the first CUDA call (TRITON_INTERPRET is read at its import)
+        from megamoe.kernels.selective_scan import selective_scan_triton
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return scan_cpu.selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

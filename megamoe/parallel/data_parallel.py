@@ -131,8 +131,6 @@ def _sum_squares(grads: list) -> torch.Tensor:
 
 def global_grad_norm(params, topo) -> float:
     """L2 norm of the whole model's gradient, each parameter counted once across all ranks."""
-    from megatron.core import parallel_state as ps
-
     def counted(p, tp_rank):
         if getattr(p, "shared_embedding_copy", False):  # the last pipeline stage's tied head
             return False
@@ -145,8 +143,8 @@ def global_grad_norm(params, topo) -> float:
     if topo.world_size > 1:
         device = topo.device
         dense_sq, expert_sq = dense_sq.to(device), expert_sq.to(device)
-        dist.all_reduce(dense_sq, group=ps.get_model_parallel_group())
-        dist.all_reduce(expert_sq, group=ps.get_expert_tensor_model_pipeline_parallel_group())
+        dist.all_reduce(dense_sq, group=topo.model_parallel_group)
+        dist.all_reduce(expert_sq, group=topo.expert_model_parallel_group)
     return float((dense_sq + expert_sq).sqrt())
 
 

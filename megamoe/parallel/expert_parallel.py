@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megamoe.model.moe import Experts
+from megamoe.model import Experts
 from megamoe.parallel.comm import COUNTER, all_to_all, all_to_all_counts
-from megamoe.parallel.sharding import ShardSpec, set_shard_spec, take_shard
+from megamoe.parallel.plan import shard_spec_for
+from megamoe.parallel.sharding import set_shard_spec, take_shard
 from megamoe.parallel.tensor_parallel import copy_to_tp, reduce_from_tp
 
 
@@ -49,22 +50,20 @@ class AllToAllDispatcher:
 
 
 class ShardedExperts(Experts):
-    """This rank's experts (EP) with this rank's slice of their hidden width (ETP)."""
+    """This rank's experts (EP) with this rank's slice of their hidden width (ETP), as the sharding plan splits
+    `<prefix>.experts.w1` / `.w2`."""
 
-    def __init__(self, full: Experts, topo):
+    def __init__(self, full: Experts, topo, prefix: str = "moe"):
         nn.Module.__init__(self)
         self.activation, self.num_experts = full.activation, full.num_experts // topo.ep
         self.grouped_gemm = full.grouped_gemm
         self.etp_group = topo.etp_group if topo.etp > 1 else None
-        if self.activation == "linear" and topo.etp > 1:
-            raise ValueError("linear experts (MoE inside Mamba) do not support expert tensor parallelism")
-        hidden = full.w1.shape[-1]
-        w1_spec = ShardSpec(tuple(full.w1.shape), 2 if topo.etp > 1 else None,
-                            (hidden // 2, hidden // 2) if self.activation == "swiglu" else (), expert_dim=0)
-        specs = {"w1": w1_spec}
-        if hasattr(full, "w2"):
-            specs["w2"] = ShardSpec(tuple(full.w2.shape), 1 if topo.etp > 1 else None, expert_dim=0)
-        for name, spec in specs.items():
+        for name in ("w1", "w2"):
+            if not hasattr(full, name):
+                continue
+            spec = shard_spec_for(f"{prefix}.experts.{name}", getattr(full, name).shape, full.activation)
+            if topo.etp > 1 and spec.dim is None:
+                raise ValueError("linear experts (MoE inside Mamba) do not support expert tensor parallelism")
             local = take_shard(getattr(full, name).detach(), spec, topo.etp_rank, topo.etp, topo.ep_rank, topo.ep)
             param = nn.Parameter(local.clone())
             param.is_expert = True
@@ -147,9 +146,10 @@ class TPSplitDispatcher:
         return _GatherRows.apply(self.inner.combine(y, inner_ctx), sizes, self.group)
 
 
-def parallelize_moe(moe, topo) -> None:
-    """Keep this rank's experts and exchange tokens over the EP group; the router stays replicated."""
-    moe.experts = ShardedExperts(moe.experts, topo)
+def parallelize_moe(moe, topo, prefix: str = "moe") -> None:
+    """Keep this rank's experts of the MoE at block-relative `prefix` and exchange tokens over the EP group; the
+    router stays replicated."""
+    moe.experts = ShardedExperts(moe.experts, topo, prefix)
     if topo.ep > 1:
         moe.dispatcher = AllToAllDispatcher(topo.ep_group, topo.ep, moe.experts.num_experts)
     if topo.tp > 1 and topo.etp == 1:

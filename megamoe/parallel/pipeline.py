@@ -14,16 +14,14 @@ megatron-core's schedules allocate on CUDA (PLATFORM.md), so the schedules are t
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import pipelining
 
-from megamoe.config import Config, ConfigError, ModelConfig
-from megamoe.model.lm import (MambaLM, MoETotals, active_parameters, block_kinds, masked_mean, meta_model,
-                              moe_summary)
-from megamoe.model.moe import SwitchMoE
+from megamoe.config import Config, ModelConfig
+from megamoe.config.pattern import check_stages, marked_stages
+from megamoe.model import MambaLM, MoETotals, SwitchMoE, active_parameters, masked_mean, meta_model, moe_summary
 
 
 def block_costs(cfg: ModelConfig) -> list:
@@ -58,25 +56,12 @@ def _balanced_split(costs: list, parts: int, tail: float) -> list:
 
 def stage_blocks(cfg: Config) -> list:
     """Global block indices of each of the PP x VPP stages, in pipeline order."""
-    pp = cfg.parallel.pipeline_model_parallel_size
-    stages = pp * (cfg.parallel.virtual_pipeline_model_parallel_size or 1)
-    model = cfg.model
-    n = len(block_kinds(model))
-    if "|" in model.pattern:
-        segments = model.pattern.split("|")
-        if len(segments) != stages:
-            raise ConfigError(f"model.pattern has {len(segments)} '|'-separated stages but the pipeline has "
-                              f"{stages} (PP {pp} x virtual {stages // pp}); give {stages - 1} '|' marks or none")
-        sizes = [len(block_kinds(dataclasses.replace(model, pattern=s))) for s in segments]
-        if 0 in sizes or sum(sizes) != n:
-            raise ConfigError(f"model.pattern {model.pattern!r}: every stage needs at least one layer, and a "
-                              "'|' may not split a Parallel MoE-Mamba 'ME' pair")
-        starts = [sum(sizes[:i]) for i in range(stages)]
-        return [list(range(s, s + k)) for s, k in zip(starts, sizes)]
-    if n < stages:
-        raise ConfigError(f"model.pattern has {n} blocks, fewer than the {stages} pipeline stages")
-    head = model.d_model * (model.vocab_size or 0)
-    return _balanced_split(block_costs(model), stages, head)
+    pp, virtual = cfg.parallel.pipeline_model_parallel_size, cfg.parallel.virtual_stages
+    check_stages(cfg.model, pp, virtual)
+    if "|" in cfg.model.pattern:
+        return marked_stages(cfg.model, pp, virtual)
+    head = cfg.model.d_model * (cfg.model.vocab_size or 0)
+    return _balanced_split(block_costs(cfg.model), pp * virtual, head)
 
 
 class PipelineChunk(nn.Module):
@@ -103,7 +88,6 @@ class PipelineChunk(nn.Module):
 
 
 def _schedule_class(name: str, virtual: int):
-    from torch.distributed import pipelining
     if name == "1f1b" and virtual == 1:
         return pipelining.Schedule1F1B
     if name in ("1f1b", "interleaved_1f1b"):
@@ -116,14 +100,13 @@ class Pipeline:
     micro-batches and returns the step's loss sums, the same on every rank of the pipeline."""
 
     def __init__(self, lm: MambaLM, cfg: Config, topo, num_micro: int):
-        from torch.distributed.pipelining import PipelineStage
         self.model, self.lm, self.cfg, self.topo, self.num_micro = lm, lm, cfg, topo, num_micro
         self.loss_scale = 1.0  # what the LM loss is multiplied by before backward (--fp16)
         stages = stage_blocks(cfg)
         self.virtual = len(stages) // topo.pp
         mine = list(range(topo.pp_rank, len(stages), topo.pp))
         self.chunks = [PipelineChunk(lm, stages[s], s == 0, s == len(stages) - 1) for s in mine]
-        self.stages = [PipelineStage(chunk, s, len(stages), topo.device, group=topo.pp_group,
+        self.stages = [pipelining.PipelineStage(chunk, s, len(stages), topo.device, group=topo.pp_group,
                                      input_args=self._example(s == 0, "input"),
                                      output_args=self._example(s == len(stages) - 1, "output"))
                        for chunk, s in zip(self.chunks, mine)]
@@ -182,13 +165,12 @@ class Pipeline:
 
     def sync_shared_grads(self) -> None:
         """Sum the tied embedding's gradient over its first- and last-stage copies (after DP averaging)."""
-        from megatron.core import parallel_state as ps
-        if not (self.cfg.model.tie_embeddings and ps.is_rank_in_embedding_group()):
+        if not (self.cfg.model.tie_embeddings and self.topo.in_embedding_group):
             return
         weight = self.lm.embedding.weight if self.topo.is_first_stage else self.lm.lm_head.weight
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
-        dist.all_reduce(weight.grad, group=ps.get_embedding_group())
+        dist.all_reduce(weight.grad, group=self.topo.embedding_group)
 
     def _gather_totals(self) -> tuple:
         """The last stage's LM losses and every chunk's MoE totals, summed over the pipeline group."""

@@ -8,18 +8,13 @@ data-parallel rank's noise) or stay fixed whatever the layout (one parameter's i
 """
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import Optional
 
 import numpy as np
 import torch
 
-
-def stream_seed(seed: int, name: str) -> int:
-    """A 63-bit seed from the run seed and a stream name; stable across processes and Python runs."""
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+from megamoe.model import stream_seed
 
 
 def generator_for(seed: int, name: str, device: Optional[torch.device] = None) -> torch.Generator:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from megamoe.config import Config, ConfigError
-from megamoe.model.moe import grouped_gemm_supported
+from megamoe.model import RMSNorm, grouped_gemm_supported
 from megamoe.parallel.sharding import ShardSpec, set_shard_spec, take_shard
 
 
@@ -86,7 +86,6 @@ def te_linear(linear: nn.Linear, topo, te, mode: Optional[str], partitions: tupl
 
 def fused_norm(norm: nn.Module, apex_norms) -> nn.Module:
     """apex's fused version of an RMSNorm / LayerNorm, with the same weights (and parameter names)."""
-    from megamoe.model.lm import RMSNorm
     dim = norm.weight.shape[0]
     if isinstance(norm, RMSNorm):
         fused = apex_norms.FusedRMSNorm(dim, eps=norm.eps)
@@ -112,14 +111,13 @@ def _fp8_recipe(fp8: str, kind: str, amax_history_len: int, margin: int):
                                   amax_compute_algo="max")
 
 
-def fp8_context(cfg: Config):
+def fp8_context(cfg: Config, topo=None):
     """te.fp8_autocast with the configured recipe, or nothing when training.fp8 is unset."""
     t = cfg.training
     if not t.fp8:
         return contextlib.nullcontext()
     recipe = _fp8_recipe(t.fp8, t.fp8_recipe, t.fp8_amax_history_len, t.fp8_margin)
-    from megatron.core import parallel_state as ps
     # Amaxes are reduced over this stage's TP x DP ranks, as megatron-core does: TE's default group, the whole
     # world, would mix different pipeline stages' layers.
-    group = ps.get_amax_reduction_group(with_context_parallel=True) if ps.model_parallel_is_initialized() else None
+    group = topo.amax_group if topo is not None else None
     return _try_import("transformer_engine.pytorch").fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=group)

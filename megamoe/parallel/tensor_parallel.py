@@ -11,20 +11,16 @@ slice of the concatenation.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import ModelParallelConfig, tensor_parallel
 from torch import nn
 
 from megamoe.parallel.comm import COUNTER, count_all_reduce
 from megamoe.parallel.sharding import ShardSpec, set_shard_spec, take_shard
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from megatron.core import ModelParallelConfig, tensor_parallel
 
 
 def _mp_config(tp: int) -> ModelParallelConfig:
@@ -117,12 +113,12 @@ class VocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
         return out
 
 
-def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross entropy from vocab-sharded logits (batch, L, vocab / TP); megatron-core's."""
-    from megatron.core import parallel_state
+def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
+    """Per-token cross entropy from vocab-sharded logits (batch, L, vocab / TP); megatron-core's, which reduces
+    over megatron-core's tensor-parallel group: the `tp_group` that Topology hands out."""
     loss = tensor_parallel.vocab_parallel_cross_entropy(local_logits.float(), labels)
     for _ in range(3):  # max logit, target logit, sum of exponentials: one float per token each
-        count_all_reduce(loss, parallel_state.get_tensor_model_parallel_group(), "tp_all_reduce")
+        count_all_reduce(loss, tp_group, "tp_all_reduce")
     return loss
 
 
@@ -137,30 +133,6 @@ def reduce_from_tp(x: torch.Tensor, group=None) -> torch.Tensor:
     out = tensor_parallel.reduce_from_tensor_model_parallel_region(x, group=group)
     count_all_reduce(out, group, "tp_all_reduce")
     return out
-
-
-class _GatherLastDim(torch.autograd.Function):
-    # megatron-core's gather_from_tensor_model_parallel_region allocates on torch.cuda.current_device(),
-    # so this device-agnostic one is ours: all-gather forward, keep this rank's slice backward.
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        world = dist.get_world_size(group)
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
-        return grad.chunk(world, dim=-1)[rank].contiguous(), None
-
-
-def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    """All-gather of the last dimension over `group` forward, this rank's slice backward."""
-    if dist.get_world_size(group) == 1:
-        return x
-    return _GatherLastDim.apply(x, group)
 
 
 # Sequence parallelism: outside the TP regions (norms, residual adds) each TP rank holds 1/TP of the sequence.

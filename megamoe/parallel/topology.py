@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from megamoe.config import ParallelConfig
 
@@ -116,58 +117,77 @@ class Topology:
         return self.env.rank == 0
 
     # Ranks and groups are megatron-core's; asked here so the rest of megamoe never imports parallel_state.
-    @staticmethod
-    def _ps():
-        from megatron.core import parallel_state
-        return parallel_state
-
     @property
     def tp_rank(self) -> int:
-        return self._ps().get_tensor_model_parallel_rank()
+        return ps.get_tensor_model_parallel_rank()
 
     @property
     def pp_rank(self) -> int:
-        return self._ps().get_pipeline_model_parallel_rank()
+        return ps.get_pipeline_model_parallel_rank()
 
     @property
     def dp_rank(self) -> int:
-        return self._ps().get_data_parallel_rank()
+        return ps.get_data_parallel_rank()
 
     @property
     def ep_rank(self) -> int:
-        return self._ps().get_expert_model_parallel_rank()
+        return ps.get_expert_model_parallel_rank()
 
     @property
     def etp_rank(self) -> int:
-        return self._ps().get_expert_tensor_parallel_rank()
+        return ps.get_expert_tensor_parallel_rank()
 
     @property
     def edp_rank(self) -> int:
-        return self._ps().get_expert_data_parallel_rank()
+        return ps.get_expert_data_parallel_rank()
 
     @property
     def tp_group(self):
-        return self._ps().get_tensor_model_parallel_group()
+        return ps.get_tensor_model_parallel_group()
 
     @property
     def pp_group(self):
-        return self._ps().get_pipeline_model_parallel_group()
+        return ps.get_pipeline_model_parallel_group()
 
     @property
     def dp_group(self):
-        return self._ps().get_data_parallel_group()
+        return ps.get_data_parallel_group()
 
     @property
     def ep_group(self):
-        return self._ps().get_expert_model_parallel_group()
+        return ps.get_expert_model_parallel_group()
 
     @property
     def etp_group(self):
-        return self._ps().get_expert_tensor_parallel_group()
+        return ps.get_expert_tensor_parallel_group()
 
     @property
     def edp_group(self):
-        return self._ps().get_expert_data_parallel_group()
+        return ps.get_expert_data_parallel_group()
+
+    @property
+    def model_parallel_group(self):
+        """TP x PP: the ranks that together hold one copy of the dense parameters (the global norm's group)."""
+        return ps.get_model_parallel_group()
+
+    @property
+    def expert_model_parallel_group(self):
+        """ETP x EP x PP: the ranks that together hold one copy of every expert (the global norm's group)."""
+        return ps.get_expert_tensor_model_pipeline_parallel_group()
+
+    @property
+    def in_embedding_group(self) -> bool:
+        """This rank holds a copy of a tied embedding shared between the first and last pipeline stages."""
+        return ps.is_rank_in_embedding_group()
+
+    @property
+    def embedding_group(self):
+        return ps.get_embedding_group()
+
+    @property
+    def amax_group(self):
+        """This pipeline stage's TP x DP ranks: where FP8 amaxes are reduced, as megatron-core does."""
+        return ps.get_amax_reduction_group(with_context_parallel=True)
 
     @property
     def is_first_stage(self) -> bool:
@@ -181,15 +201,6 @@ class Topology:
         return (f"world {self.world_size} ({self.env.launcher}, {self.backend} on {self.device.type}) = "
                 f"TP {self.tp} x PP {self.pp} x DP {self.dp}; experts: EP {self.ep} x ETP {self.etp} x "
                 f"expert-DP {self.edp}" + (f"; virtual stages {self.vpp}" if self.vpp else ""))
-
-
-def _import_parallel_state():
-    # megatron-core warns at import that TE/apex are missing; megamoe reports its own path choice once.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-        warnings.filterwarnings("ignore", message=".*apex.*", category=UserWarning)
-        from megatron.core import parallel_state
-    return parallel_state
 
 
 def init_distributed(parallel: ParallelConfig) -> Topology:
@@ -218,7 +229,6 @@ def init_distributed(parallel: ParallelConfig) -> Topology:
             dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
                                     rank=env.rank, world_size=env.world_size, timeout=timeout)
 
-    ps = _import_parallel_state()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     vpp = parallel.virtual_pipeline_model_parallel_size
@@ -241,7 +251,6 @@ def init_distributed(parallel: ParallelConfig) -> Topology:
 
 def destroy_distributed() -> None:
     """Tear down megatron-core's groups and the default process group (tests, end of a run)."""
-    ps = _import_parallel_state()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from matplotlib.figure import Figure
 
 from megamoe.config import Config
 from megamoe.logging import MetricsWriter, Progress, get_logger, read_metrics
@@ -109,11 +110,8 @@ class RunLogger:
 
 
 def plot_losses(records: list, path: str) -> str:
-    """Train loss (means over each log interval, and EMA-smoothed as the paper reports) and validation loss."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Train loss (means over each log interval, and EMA-smoothed as the paper reports) and validation loss.
+    matplotlib's Figure without pyplot: no backend is chosen for the process, nothing global is left open."""
     steps = [r["step"] for r in records if "lm_loss" in r]
     train = [r["lm_loss"] for r in records if "lm_loss" in r]
     ema, smoothed = None, []
@@ -121,7 +119,8 @@ def plot_losses(records: list, path: str) -> str:
         ema = v if ema is None else 0.7 * ema + 0.3 * v
         smoothed.append(ema)
     valid = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(steps, train, alpha=0.3, color="C0", label="train LM loss (mean over log interval)")
     ax.plot(steps, smoothed, color="C0", label="train LM loss (EMA 0.7)")
     if valid:
@@ -132,5 +131,4 @@ def plot_losses(records: list, path: str) -> str:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

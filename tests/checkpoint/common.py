@@ -5,9 +5,10 @@ from megamoe.config import config_from_dict
 from megamoe.parallel import init_distributed, set_seed
 from megamoe.parallel.distributed_optimizer import ParamOwners
 from megamoe.parallel.parallelize import build_parallel_model
+from megamoe.testing import gather_from_tp
+from megamoe.training import make_runner, train_step
 from megamoe.training.optimizer import build_optimizer
 from megamoe.training.schedule import lr_at
-from megamoe.training.trainer import make_runner, train_step
 
 GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, TRAIN_ITERS = 4, 1, 16, 64, 10
 
@@ -67,7 +68,6 @@ class Rank:
     @torch.no_grad()
     def logits(self) -> torch.Tensor:
         """Full-vocabulary logits of the probe tokens (every rank feeds the same tokens), outside PP."""
-        from megamoe.parallel.tensor_parallel import gather_from_tp
         self.model.eval()
         out = self.model(probe_tokens()).logits
         self.model.train()

@@ -13,9 +13,8 @@ from megamoe.config import config_from_dict
 from megamoe.logging import read_metrics
 from megamoe.model import build_model
 from megamoe.parallel import destroy_distributed
+from megamoe.training import TrainState, train
 from megamoe.training.optimizer import build_optimizer
-from megamoe.training.trainer import TrainState, train
-
 from tests.checkpoint.common import config
 
 
@@ -67,7 +66,9 @@ def saved(tmp_path):
 def _load(path, cfg, optimizer=True):
     model = build_model(cfg.model, seed=2)
     opt = build_optimizer(model, cfg.optimizer, torch.device("cpu")) if optimizer else None
-    return checkpoint.load(str(path), model, opt, cfg, None), model
+    state = TrainState()
+    checkpoint.load(str(path), model, opt, cfg, None, state)
+    return state, model
 
 
 def test_roundtrip_and_latest_marker(saved):

@@ -8,10 +8,9 @@ import torch
 
 from megamoe import checkpoint
 from megamoe.checkpoint import CheckpointError
-from megamoe.export import consolidate, export_hf, load_consolidated
+from megamoe.checkpoint.export import consolidate, export_hf, load_consolidated
 from megamoe.model import build_model
-from megamoe.training.trainer import TrainState
-
+from megamoe.training import TrainState
 from tests.checkpoint.common import VOCAB, config, probe_tokens
 
 TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "convert_checkpoint.py")

@@ -11,8 +11,7 @@ import torch
 from megamoe import checkpoint
 from megamoe.checkpoint import CheckpointError
 from megamoe.model import build_model
-from megamoe.training.trainer import TrainState
-
+from megamoe.training import TrainState
 from tests.checkpoint.common import config
 
 CHILD = r"""
@@ -21,7 +20,7 @@ from megamoe import checkpoint
 from megamoe.checkpoint import boxes
 from megamoe.model import build_model
 from megamoe.training.optimizer import build_optimizer
-from megamoe.training.trainer import TrainState
+from megamoe.training import TrainState
 from tests.checkpoint.common import config
 
 root = sys.argv[1]
@@ -63,7 +62,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
 
     cfg = config()
     model = build_model(cfg.model, seed=2)
-    assert checkpoint.load(str(root), model, None, cfg, None).step == 1
+    assert checkpoint.load(str(root), model, None, cfg, None)["step"] == 1
     expected = torch.load(root / "expected.pt")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
 

@@ -1,8 +1,8 @@
 """Checkpoints move between layouts and resume exactly. One 4-rank gloo job (the slow part) does it all:
 
 - a TP1 x EP1 checkpoint (one process, 2 steps) loads into TP2 x EP2, directly and after an offline re-shard
-  to TP2 x EP2, with the same logits; split_rule (the offline table of how parameters shard) matches the live
-  parallelize, and the re-shard's stored chunks are exactly the ranks' boxes;
+  to TP2 x EP2, with the same logits; the sharding plan's boxes (the table offline re-sharding reads) are the live
+  parallelize's, and the re-shard's stored chunks are exactly the ranks' boxes;
 - TP2 x EP2 trains step 2, saves, trains step 3; new process groups and a ZeRO-1 optimizer load that save
   and repeat step 3: bit-equal loss (same layout). One process loads it too: bit-equal parameters, equal
   logits, and its step 3 loss within 1e-5 relative (another layout);
@@ -14,12 +14,11 @@ import pytest
 import torch
 
 from megamoe import checkpoint
-from megamoe.checkpoint.convert import layout_boxes, read_tensors, reshard
+from megamoe.checkpoint.convert import read_tensors, reshard
 from megamoe.parallel import destroy_distributed
-from megamoe.parallel.gather import full_tensors
-from megamoe.testing import run_on_ranks
-from megamoe.training.trainer import TrainState
-
+from megamoe.parallel.plan import layout_boxes
+from megamoe.testing import full_tensors, run_on_ranks
+from megamoe.training import TrainState
 from tests.checkpoint.common import Rank, config
 
 
@@ -53,7 +52,7 @@ def _four_ranks(root):
     out = {}
     rank = Rank(config(tp=2, ep=2))
     state = checkpoint.load(f"{root}/tp1", rank.model, rank.optimizer, rank.cfg, rank.topo)
-    out.update(step=state.step, logits_direct=rank.logits(), rules=_split_rule_mismatches(rank))
+    out.update(step=state["step"], logits_direct=rank.logits(), rules=_split_rule_mismatches(rank))
     rank.train(2, 1)
     checkpoint.save(f"{root}/tp2ep2", rank.model, rank.optimizer, TrainState(step=3), rank.cfg, rank.topo)
     out.update(params_3=_full_params(rank), logits_3=rank.logits(), loss_4=rank.train(3, 1))
@@ -61,7 +60,7 @@ def _four_ranks(root):
     # New model-parallel process groups (init_distributed rebuilds them), a freshly initialised model, and a
     # ZeRO-1 optimizer that reads only the state of the parameters its rank owns.
     again = Rank(config(tp=2, ep=2, zero=True))
-    assert checkpoint.load(f"{root}/tp2ep2", again.model, again.optimizer, again.cfg, again.topo).step == 3
+    assert checkpoint.load(f"{root}/tp2ep2", again.model, again.optimizer, again.cfg, again.topo)["step"] == 3
     out["resumed_loss_4"] = again.train(3, 1)
 
     resharded = Rank(config(tp=2, ep=2))
@@ -106,7 +105,7 @@ def test_layouts_load_each_other_and_resume_exactly(tmp_path):
 
     try:  # back to one process: the TP2 x EP2 save, and its next step in this layout
         one = Rank(config())
-        assert checkpoint.load(f"{root}/tp2ep2", one.model, one.optimizer, one.cfg, one.topo).step == 3
+        assert checkpoint.load(f"{root}/tp2ep2", one.model, one.optimizer, one.cfg, one.topo)["step"] == 3
         loaded = _full_params(one)
         assert all(torch.equal(loaded[n], t) for n, t in r0["params_3"].items())
         torch.testing.assert_close(one.logits(), r0["logits_3"], rtol=1e-5, atol=1e-6)

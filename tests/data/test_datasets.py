@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from megamoe.config import Config
-from megamoe.data import (DataError, build_data_iterators, build_gpt_datasets, check_indexed_dataset,
-                          load_tokenizer, preprocess, train_tokenizer, write_default_corpus)
+from megamoe.data import (
+    DataError,
+    build_data_iterators,
+    build_gpt_datasets,
+    check_indexed_dataset,
+    load_tokenizer,
+    preprocess,
+    train_tokenizer,
+    write_default_corpus,
+)
 from megamoe.data.datasets import split_document_ranges
 from megamoe.testing import run_on_ranks
 
@@ -205,6 +213,7 @@ def test_tokenizer_mismatch_is_caught(data, tmp_path):
 def _build_under_torch_distributed(cfg_dict, cache):
     """Every rank builds (rank 0 writes the index cache first, the other reads it) and returns its batches."""
     import torch.distributed as dist
+
     from megamoe.config import config_from_dict
     dist.init_process_group("gloo")
     try:

@@ -9,9 +9,17 @@ import sys
 import numpy as np
 import pytest
 
-from megamoe.data import (DataError, check_indexed_dataset, load_tokenizer, merge_datasets, preprocess,
-                          read_sidecar, train_tokenizer, write_default_corpus)
-from megamoe.data.indexed import megatron_indexed
+from megamoe.data import (
+    DataError,
+    check_indexed_dataset,
+    load_tokenizer,
+    merge_datasets,
+    preprocess,
+    read_sidecar,
+    train_tokenizer,
+    write_default_corpus,
+)
+from megamoe.data.indexed import indexed_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,7 +46,7 @@ def tokenizer(corpus, tmp_path_factory):
 
 
 def read_back(prefix):
-    ds = megatron_indexed().IndexedDataset(prefix)
+    ds = indexed_dataset.IndexedDataset(prefix)
     return [list(map(int, ds[i])) for i in range(len(ds))], ds
 
 

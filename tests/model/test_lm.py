@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 
-from megamoe.config import ModelConfig, build_config
-from megamoe.model import MambaLM, block_kinds, build_model, count_parameters
+from megamoe.config import ModelConfig, block_kinds, build_config
+from megamoe.model import MambaLM, build_model, count_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-# PAPER.md Table 1: non-embedding parameters (total, active), in millions.
+# The paper's Table 1 (docs/paper.md): non-embedding parameters (total, active), in millions.
 PAPER_SIZES = {"mamba_25m": (27, 27), "moe_mamba_25m": (542, 26), "transformer_moe_25m": (545, 25),
                "transformer_25m": (25, 25), "mamba_100m": (121, 121), "moe_mamba_100m": (2439, 117),
                "transformer_moe_100m": (2454, 114), "parallel_moe_mamba_25m": (542, 26)}

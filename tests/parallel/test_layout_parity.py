@@ -10,11 +10,10 @@ import torch
 from megamoe.config import config_from_dict
 from megamoe.parallel import destroy_distributed, init_distributed, set_seed
 from megamoe.parallel.distributed_optimizer import ParamOwners
-from megamoe.parallel.gather import full_tensors
 from megamoe.parallel.parallelize import build_parallel_model
-from megamoe.testing import run_on_ranks
+from megamoe.testing import full_tensors, run_on_ranks
+from megamoe.training import evaluate, make_runner, train_step
 from megamoe.training.optimizer import build_optimizer
-from megamoe.training.trainer import evaluate, make_runner, train_step
 
 STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB = 3, 4, 1, 16, 64
 

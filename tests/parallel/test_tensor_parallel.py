@@ -5,8 +5,12 @@ import torch
 from megamoe.config import ParallelConfig
 from megamoe.parallel import init_distributed
 from megamoe.parallel.sharding import ShardSpec, take_shard
-from megamoe.parallel.tensor_parallel import (ColumnParallel, RowParallel, VocabParallelEmbedding,
-                                              vocab_parallel_cross_entropy)
+from megamoe.parallel.tensor_parallel import (
+    ColumnParallel,
+    RowParallel,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
 from megamoe.testing import run_on_ranks
 
 
@@ -40,7 +44,7 @@ def _mlp_and_vocab():
     pemb, phead = VocabParallelEmbedding(emb, topo), ColumnParallel(head, topo)
     h = pemb(ids)
     h = h + pfc2(torch.relu(pfc1(h)))
-    loss = vocab_parallel_cross_entropy(phead(h), labels).mean()
+    loss = vocab_parallel_cross_entropy(phead(h), labels, topo.tp_group).mean()
     loss.backward()
     rows = take_shard(torch.arange(8), ShardSpec((8,), 0, (4, 4)), topo.tp_rank, 2)
     torch.testing.assert_close(loss, ref)

@@ -9,10 +9,9 @@ import torch
 
 from megamoe.config import ConfigError, config_from_dict
 from megamoe.parallel import destroy_distributed, init_distributed, set_seed
-from megamoe.parallel.gather import full_tensors
 from megamoe.parallel.parallelize import build_parallel_model
 from megamoe.parallel.te import FastPaths, fast_paths, fp8_context
-from megamoe.testing import run_on_ranks
+from megamoe.testing import full_tensors, run_on_ranks
 
 FAKE_TE = os.path.join(os.path.dirname(__file__), "fake_te")
 
@@ -70,8 +69,8 @@ def _amax_group_ranks(parallel):
     import transformer_engine.pytorch as te
     cfg = _cfg(fp8="e4m3")
     cfg.parallel.pipeline_model_parallel_size = parallel.get("pp", 1)
-    init_distributed(cfg.parallel)
-    with fp8_context(cfg):
+    topo = init_distributed(cfg.parallel)
+    with fp8_context(cfg, topo):
         pass
     return dist.get_process_group_ranks(te.FP8_GROUPS[-1])
 

@@ -16,7 +16,8 @@ from megamoe import checkpoint
 from megamoe.config import ConfigError, config_from_dict
 from megamoe.parallel import destroy_distributed, init_distributed
 from megamoe.testing import run_on_ranks
-from megamoe.training.trainer import EarlyExit, train
+from megamoe.training import train
+from megamoe.training.early_exit import EarlyExit
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = ["--model.pattern", "MEME", "--model.d_model", "32", "--model.d_state", "8", "--model.num_experts", "4",

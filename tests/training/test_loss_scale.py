@@ -8,13 +8,12 @@ from megamoe.checkpoint.folder import read_marker
 from megamoe.config import ConfigError, config_from_dict
 from megamoe.logging import read_metrics
 from megamoe.parallel import destroy_distributed, init_distributed, set_seed
-from megamoe.parallel.gather import full_tensors
 from megamoe.parallel.parallelize import build_parallel_model
-from megamoe.testing import run_on_ranks
+from megamoe.testing import full_tensors, run_on_ranks
+from megamoe.training import make_runner, train, train_step
 from megamoe.training.loss_scale import LossScaler
 from megamoe.training.optimizer import build_optimizer
 from megamoe.training.schedule import lr_at
-from megamoe.training.trainer import make_runner, train, train_step
 
 
 def test_dynamic_scale_backs_off_after_hysteresis_and_grows_after_a_window():

@@ -12,8 +12,8 @@ from megamoe.logging import read_metrics
 from megamoe.parallel import destroy_distributed, init_distributed, set_seed
 from megamoe.parallel.parallelize import build_parallel_model
 from megamoe.testing import run_on_ranks
+from megamoe.training import make_runner, train, train_step
 from megamoe.training.optimizer import build_optimizer
-from megamoe.training.trainer import make_runner, train, train_step
 
 TINY_MODEL = {"pattern": "MEME", "d_model": 64, "d_state": 8, "num_experts": 4}
 
@@ -129,6 +129,21 @@ def test_print_params_of_a_paper_config():
     assert "542.2M" in out.stdout and "26.3M" in out.stdout
 
 
+def test_print_params_counts_the_vocabulary_training_builds(tiny_corpus, tmp_path):
+    """A 700-piece tokenizer: training pads the vocabulary to 768 (a multiple of 128 x TP 2), and so does
+    --print-params (it used to count 700 rows of embedding)."""
+    from megamoe.config import ModelConfig
+    from megamoe.data import train_tokenizer
+    from megamoe.model import count_parameters
+    tok = train_tokenizer([os.path.join(tiny_corpus["folder"], "corpus.jsonl")], str(tmp_path / "tok700"), 700)
+    out = _cli("--model.pattern", "MEME", "--model.d_model", "64", "--tokenizer-model", tok,
+               "--tensor-model-parallel-size", "2", "--print-params")
+    assert out.returncode == 0, out.stderr
+    assert "vocab 768" in out.stdout
+    total = count_parameters(ModelConfig(pattern="MEME", d_model=64, vocab_size=768))["total"]
+    assert f"{total / 1e6:>9.1f}M" in out.stdout.splitlines()[-1]
+
+
 @pytest.mark.slow
 def test_two_process_expert_parallel_quickstart_config_trains(tiny_corpus, tmp_path):
     """The quickstart's model on 2 gloo processes with expert parallel 2 (torchrun), loss falling."""
@@ -171,7 +186,7 @@ def test_no_load_optim_resumes_a_model_only_checkpoint(tmp_path, quiet_env):
     from megamoe import checkpoint
     from megamoe.checkpoint import CheckpointError
     from megamoe.model import build_model
-    from megamoe.training.trainer import TrainState
+    from megamoe.training import TrainState
 
     cfg = config_from_dict({"model": dict(TINY_MODEL, vocab_size=64), "data": {"mock": True, "seq_length": 32},
                             "training": {"train_iters": 6, "micro_batch_size": 2, "global_batch_size": 2,
@@ -200,7 +215,7 @@ def _logged_peak_memory(tmp_path, ballast_gb):
     topo = init_distributed(cfg.parallel)
     try:
         if topo.rank == 1:
-            ballast = torch.ones(int(ballast_gb * 2 ** 28))  # touched: this rank's peak is the highest
+            ballast = torch.ones(int(ballast_gb * 2 ** 28))  # touched: this rank's peak is the highest  # noqa: F841
         logger = RunLogger(str(tmp_path), cfg, {"active_non_embedding": 1}, topo)
         logger.log({"step": 1, "loss": 1.0, "tokens_per_s": 1.0}, Progress(1))
         logger.close()

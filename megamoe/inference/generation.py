@@ -3,8 +3,8 @@
     cache  = allocate_cache(model, batch)
     logits = forward_cached(model, tokens, cache)     first call: the prompt at once; later: token by token
     ids    = generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eod, seed)
-    model, cfg = load_for_inference(checkpoint)       any saved layout, into one CPU (or GPU) process
-    tokenizer  = checkpoint_tokenizer(cfg)            the checkpoint's tokenizer, or the one given
+
+The model comes from megamoe.inference.loading.load_for_inference (a checkpoint of any layout, in one process).
 
 What each block keeps between tokens:
     M   MambaMixer.prefill leaves the prompt's last (conv_state, ssm_state); MambaMixer.step advances them one
@@ -23,20 +23,14 @@ Batched prompts must all have the same length (no padding, one position counter)
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from megamoe.model.attention import KVCache
-from megamoe.model.lm import MambaLM, block_kinds
-from megamoe.model.moe import LocalDispatcher
-
-
-class InferenceError(RuntimeError):
-    """A model or request that generation cannot run here; the message says why and what to do."""
+from megamoe.config import block_kinds
+from megamoe.errors import InferenceError
+from megamoe.model import KVCache, LocalDispatcher, MambaLM, moe_capacity
 
 
 @dataclass
@@ -69,21 +63,6 @@ def check_model(model) -> None:
     if expert_parallel or tensor_parallel or head is None or head.shape[0] != model.cfg.vocab_size:
         raise InferenceError("the model is sharded by tensor or expert parallelism; generation runs an unsharded "
                              "model in one process (load the checkpoint with load_for_inference)")
-
-
-@contextlib.contextmanager
-def moe_capacity(model, capacity_factor: Optional[float]):
-    """Run every Switch MoE of `model` (E blocks and MoE projections) with this capacity_factor (0: no limit);
-    None leaves them as configured. Restored on exit."""
-    moes = model.moe_layers() if capacity_factor is not None else []
-    saved = [m.capacity_factor for m in moes]
-    for m in moes:
-        m.capacity_factor = capacity_factor
-    try:
-        yield
-    finally:
-        for m, c in zip(moes, saved):
-            m.capacity_factor = c
 
 
 def allocate_cache(model, batch: int, max_length: Optional[int] = None) -> InferenceCache:
@@ -202,77 +181,3 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
     if eod is not None:
         rows = [row[:row.index(eod) + 1] if eod in row else row for row in rows]
     return rows[0] if single else rows
-
-
-def _available_bytes(device: torch.device) -> Optional[int]:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def checkpoint_config(path: str):
-    """The Config checkpoint `path` (or a --save folder's latest) was saved with; CheckpointError when unreadable."""
-    from megamoe import checkpoint
-    from megamoe.config import ConfigError
-
-    path = checkpoint.resolve(path)
-    try:
-        return checkpoint.load_config(path)
-    except (OSError, ConfigError) as e:
-        raise checkpoint.CheckpointError(f"--load: the config of {path} cannot be read ({e}); the checkpoint is "
-                                         "damaged or from another megamoe version") from None
-
-
-def checkpoint_tokenizer(cfg, tokenizer_model: Optional[str] = None, required: bool = True):
-    """The tokenizer `tokenizer_model` names, else the one the checkpoint's config names. DataError when it is
-    missing (None instead when not `required` and none was asked for) or larger than the model's vocabulary."""
-    from megamoe.data import DataError, load_tokenizer
-
-    named = tokenizer_model or cfg.data.tokenizer_model
-    if not tokenizer_model and not (named and os.path.isfile(named)):
-        if not required:
-            return None
-        if not named:
-            raise DataError("the checkpoint's config names no tokenizer (trained on mock data?); pass "
-                            "--tokenizer-model PATH")
-        raise DataError(f"the checkpoint's tokenizer {named} does not exist here; pass --tokenizer-model PATH")
-    tokenizer = load_tokenizer(named)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise DataError(f"the tokenizer {named} has {tokenizer.vocab_size} pieces, more than the model's vocabulary "
-                        f"of {cfg.model.vocab_size}: it is not the tokenizer the model was trained with")
-    return tokenizer
-
-
-def load_for_inference(path: str, device: Optional[str] = None):
-    """(model in eval mode on `device`, its Config) from checkpoint `path` (a checkpoint folder, or a --save
-    folder's latest), whatever TP/PP/EP/DP layout it was saved in. CheckpointError for a missing or damaged
-    checkpoint; InferenceError when the model cannot run here (no such device, not enough memory)."""
-    from megamoe import checkpoint
-    from megamoe.model import build_model, count_parameters
-
-    path = checkpoint.resolve(path)
-    cfg = checkpoint_config(path)
-    device = torch.device(device or "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InferenceError(f"--device {device} asked for, but this machine has no CUDA device; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise InferenceError(f"--device {device}: use cpu or cuda")
-    need = count_parameters(cfg.model)["total"] * 4  # fp32 weights, as the checkpoint holds them
-    have = _available_bytes(device)
-    if have is not None and need > have:
-        raise InferenceError(f"{path}: the model's {need / 4e6:.0f}M parameters need {need / 2**30:.1f} GiB in "
-                             f"fp32, more than the {have / 2**30:.1f} GiB of {device.type} memory available here; "
-                             "run it on a machine with more memory")
-    model = build_model(cfg.model, seed=cfg.training.seed)  # every weight is then read from the checkpoint
-    checkpoint.load(path, model, None, cfg, None)  # model only: the training run's generators stay saved
-    return model.to(device).eval(), cfg

@@ -15,16 +15,18 @@ import json
 import os
 
 import yaml
+from safetensors.torch import load_file, save_file
 
-from megamoe.checkpoint import CheckpointError, load_config, read_marker, resolve
 from megamoe.checkpoint.convert import read_tensors
+from megamoe.checkpoint.folder import load_config, read_marker, resolve
 from megamoe.config import Config, ModelConfig, config_from_dict
+from megamoe.errors import CheckpointError
+from megamoe.model import build_model
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.yaml"
 
 
 def _save_safetensors(tensors: dict, path: str, metadata: dict) -> None:
-    from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
 
 
@@ -43,9 +45,6 @@ def consolidate(path: str, output: str) -> str:
 
 def load_consolidated(folder: str):
     """(MambaLM on CPU, Config) from a folder `consolidate` wrote."""
-    from safetensors.torch import load_file
-
-    from megamoe.model import build_model
     for name in (MODEL_FILE, CONFIG_FILE):
         if not os.path.isfile(os.path.join(folder, name)):
             raise CheckpointError(f"{os.path.join(folder, name)} is missing; write the folder with "

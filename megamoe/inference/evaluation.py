@@ -15,18 +15,18 @@ capacity_factor=0 to score every token with its expert.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from megamoe.data.datasets import parse_data_path, split_document_ranges
-from megamoe.data.errors import DataError
-from megamoe.data.indexed import check_indexed_dataset, check_tokenizer_matches, megatron_indexed
+from megamoe.config import parse_data_path
+from megamoe.data.datasets import split_document_ranges
+from megamoe.data.indexed import check_indexed_dataset, check_tokenizer_matches, indexed_dataset
 from megamoe.data.inputs import check_keys_for_text, iter_texts, resolve_inputs
-from megamoe.generation import moe_capacity
+from megamoe.errors import DataError
+from megamoe.model import moe_capacity
 
 PARTS = ("train", "valid", "test", "all")
 
@@ -44,7 +44,7 @@ def evaluate_perplexity(model, batches: Iterable[dict], max_batches: Optional[in
     was_training = model.training
     model.eval()
     try:
-        with moe_capacity(model, capacity_factor) if capacity_factor is not None else contextlib.nullcontext():
+        with moe_capacity(model, capacity_factor):
             for batch in batches:
                 if max_batches is not None and seen >= max_batches:
                     break
@@ -134,7 +134,7 @@ def dataset_chunks(data_path: Sequence[str], part: str = "all", split: str = "94
 
 
 def _read_sequences(parts: list) -> Iterator[np.ndarray]:
-    IndexedDataset = megatron_indexed().IndexedDataset
+    IndexedDataset = indexed_dataset.IndexedDataset
     for prefix, indices in parts:
         dataset = IndexedDataset(prefix)
         for i in indices:

@@ -1,0 +1,117 @@
+"""The architecture config (`model:`) and the rules that derive its defaults (d_inner, dt_rank, the vocabulary)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from megamoe.config.options import option
+from megamoe.config.pattern import LAYER_KINDS, check_letters
+from megamoe.errors import ConfigError
+
+MAMBA_MOE_PROJECTIONS = ("conv", "gate", "output")
+EXPERT_ACTIVATIONS = ("gelu", "relu", "swiglu")
+
+
+def mamba_d_inner(d_model: int, expand: int, d_inner: Optional[int] = None) -> int:
+    """The Mamba mixer's inner width: `d_inner` when given, else expand x d_model (the reference layer's)."""
+    return d_inner or expand * d_model
+
+
+def mamba_dt_rank(d_model: int, dt_rank: Optional[int] = None) -> int:
+    """The rank of the dt projection: `dt_rank` when given, else ceil(d_model / 16) (the reference layer's)."""
+    return dt_rank or math.ceil(d_model / 16)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. `pattern` lists the layers: M Mamba, E Switch MoE, A attention, F dense FFN."""
+
+    pattern: str = option("MEMEMEME", "the layer stack: " + ", ".join(f"{k} {v}" for k, v in LAYER_KINDS.items())
+                          + "; '|' marks pipeline-stage boundaries")
+    d_model: int = option(256, "hidden size")
+    vocab_size: Optional[int] = option(None, "None: the tokenizer's size, padded to make_vocab_size_divisible_by x TP")
+    make_vocab_size_divisible_by: int = option(128, "the padded vocabulary is a multiple of this x TP (Megatron's)")
+    # Mamba-1 mixer (defaults of the reference layer)
+    d_state: int = option(16, "Mamba: SSM state size per channel")
+    d_conv: int = option(4, "Mamba: width of the causal depthwise convolution")
+    expand: int = option(2, "Mamba: d_inner = expand x d_model")
+    mamba_d_inner: Optional[int] = option(None, "None: expand x d_model; set it for the paper's fractional expansions")
+    dt_rank: Optional[int] = option(None, "None: ceil(d_model / 16)")
+    dt_min: float = option(0.001, "Mamba: smallest initial dt (log-uniform in [dt_min, dt_max])")
+    dt_max: float = option(0.1, "Mamba: largest initial dt")
+    dt_init_floor: float = option(1e-4, "Mamba: initial dt is at least this")
+    conv_bias: bool = option(True, "Mamba: bias in the depthwise convolution")
+    proj_bias: bool = option(False, "Mamba: biases in in_proj and out_proj")
+    # Switch MoE
+    num_experts: int = option(8, "Switch MoE: experts per MoE layer")
+    d_expert: Optional[int] = option(None, "None: 3 x d_model")
+    top_k: int = option(1, "Switch MoE: experts per token (Switch: 1)")
+    capacity_factor: float = option(1.0, "<= 0: no capacity limit (no dropping)")
+    load_balancing_weight: float = option(0.01, "weight of Switch's load-balancing loss (alpha)")
+    z_loss_weight: float = option(0.0, "weight of the router z-loss (0: off)")
+    expert_activation: str = option("gelu", "gelu | relu | swiglu (experts and dense FFNs)")
+    # Paper variants
+    parallel_moe: bool = option(False, "Parallel MoE-Mamba: Mamba and MoE read the same normed input")
+    mamba_moe_projections: list = option(help="subset of conv, gate, output", factory=list)
+    mamba_moe_every: int = option(1, "1: every Mamba layer, 2: every other one")
+    # Attention / dense FFN (baselines)
+    num_heads: int = option(8, "attention heads")
+    d_ffn: Optional[int] = option(None, "None: 4 x d_model")
+    rope_base: float = option(10000.0, "RoPE base frequency")
+    # Common
+    norm: str = option("rmsnorm", "rmsnorm | layernorm")
+    norm_eps: float = option(1e-5, "epsilon of the norms")
+    tie_embeddings: bool = option(True, "the LM head shares the embedding's weights")
+    init_std: float = option(0.02, "standard deviation of the embedding and LM head initialisation")
+
+    @property
+    def d_inner(self) -> int:
+        return mamba_d_inner(self.d_model, self.expand, self.mamba_d_inner)
+
+    @property
+    def resolved_dt_rank(self) -> int:
+        return mamba_dt_rank(self.d_model, self.dt_rank)
+
+    @property
+    def resolved_d_expert(self) -> int:
+        return self.d_expert or 3 * self.d_model
+
+    @property
+    def resolved_d_ffn(self) -> int:
+        return self.d_ffn or 4 * self.d_model
+
+    def padded_vocab_size(self, tokenizer_vocab: Optional[int], tp: int, tokenizer_name: str = "") -> int:
+        """The model's vocabulary: vocab_size as configured, else the tokenizer's padded to a multiple of
+        make_vocab_size_divisible_by x TP (Megatron's rule, so every TP shard is the same size)."""
+        if self.vocab_size is not None:
+            if tokenizer_vocab is not None and self.vocab_size < tokenizer_vocab:
+                raise ConfigError(f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's "
+                                  f"{tokenizer_vocab} pieces ({tokenizer_name}); leave it unset")
+            return self.vocab_size
+        if tokenizer_vocab is None:
+            raise ConfigError("model.vocab_size is not set and there is no --tokenizer-model to take it from")
+        multiple = self.make_vocab_size_divisible_by * tp
+        return int(math.ceil(tokenizer_vocab / multiple) * multiple)
+
+    def validate(self) -> None:
+        check_letters(self.pattern)
+        for name in ("d_model", "d_state", "d_conv", "expand", "num_experts", "num_heads", "top_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 1")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"model.top_k={self.top_k} exceeds model.num_experts={self.num_experts}")
+        if "A" in self.pattern and self.d_model % self.num_heads:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.num_heads="
+                              f"{self.num_heads}; pick num_heads that divides d_model")
+        if self.norm not in ("rmsnorm", "layernorm"):
+            raise ConfigError(f"model.norm={self.norm!r}: use rmsnorm or layernorm")
+        if self.expert_activation not in EXPERT_ACTIVATIONS:
+            raise ConfigError(f"model.expert_activation={self.expert_activation!r}: use gelu, relu or swiglu")
+        unknown = set(self.mamba_moe_projections) - set(MAMBA_MOE_PROJECTIONS)
+        if unknown:
+            raise ConfigError(f"model.mamba_moe_projections has {sorted(unknown)}; "
+                              f"choose from {list(MAMBA_MOE_PROJECTIONS)}")
+        if self.mamba_moe_every not in (1, 2):
+            raise ConfigError(f"model.mamba_moe_every={self.mamba_moe_every}: use 1 (every Mamba layer) "
+                              "or 2 (every other one)")

@@ -1,0 +1,157 @@
+"""The whole run's config (`Config`): the data, checkpoint and logging sections, and the checks across sections."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import yaml
+
+from megamoe.config.model import ModelConfig
+from megamoe.config.options import is_number, option
+from megamoe.config.parallel import ParallelConfig
+from megamoe.config.training import OptimizerConfig, TrainingConfig
+from megamoe.errors import ConfigError
+
+
+def parse_data_path(data_path: Sequence) -> tuple:
+    """--data-path: prefixes alone, or weight prefix pairs -> (prefixes, weights or None). The one rule every
+    reader of --data-path uses (config validation, the datasets, evaluation)."""
+    items = [str(x) for x in data_path]
+    if not items:
+        raise ConfigError("no --data-path given; pass the prefix tools/preprocess_data.py printed")
+    numbers = [is_number(x) for x in items]
+    if not any(numbers):
+        return items, None
+    if len(items) % 2 or numbers[0::2] != [True] * (len(items) // 2) or any(numbers[1::2]):
+        raise ConfigError(f"--data-path {' '.join(items)}: give prefixes alone or weight prefix pairs, "
+                          "e.g. --data-path 0.7 data/a_text_document 0.3 data/b_text_document")
+    weights = [float(w) for w in items[0::2]]
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--data-path weights {weights} must be >= 0 and not all 0")
+    return items[1::2], weights
+
+
+@dataclass
+class DataConfig:
+    """Megatron indexed datasets. data_path: prefixes, optionally weighted: [0.7, a, 0.3, b]."""
+
+    data_path: list = option(help="prefixes of .bin/.idx pairs, or weight prefix pairs (a blend)", factory=list)
+    split: str = option("949,50,1", "train,valid,test weights (Megatron's --split)")
+    tokenizer_model: Optional[str] = option(None, "sentencepiece .model")
+    seq_length: int = option(256, "tokens per training sequence")
+    num_workers: int = option(0, "DataLoader worker processes")
+    cache_path: Optional[str] = option(None, "dataset index cache; None: <data dir>/index_cache (or a temp dir)")
+    mock: bool = option(False, "random tokens, no files (for benchmarks and tests)")
+
+    def prefixes(self) -> list:
+        """The dataset prefixes in data_path, without the blend weights."""
+        return parse_data_path(self.data_path)[0]
+
+    def validate(self) -> None:
+        if self.seq_length < 1:
+            raise ConfigError(f"--seq-length={self.seq_length} must be >= 1")
+        parts = self.split.split(",")
+        if len(parts) != 3 or not all(is_number(p) for p in parts) or sum(map(float, parts)) <= 0:
+            raise ConfigError(f"--split={self.split!r}: give three weights for train,valid,test, e.g. 949,50,1")
+        if self.mock:
+            return
+        if not self.data_path:
+            raise ConfigError("no training data: set --data-path to the prefix of a preprocessed .bin/.idx "
+                              "pair (tools/preprocess_data.py writes them), or data.mock: true")
+        for prefix in self.prefixes():
+            for ext in (".bin", ".idx"):
+                if not os.path.isfile(prefix + ext):
+                    raise ConfigError(f"--data-path: {prefix + ext} does not exist; give the prefix of the "
+                                      "files tools/preprocess_data.py wrote (without .bin/.idx)")
+        if not self.tokenizer_model:
+            raise ConfigError("--tokenizer-model is not set; give the sentencepiece .model the data was "
+                              "preprocessed with")
+        if not os.path.isfile(self.tokenizer_model):
+            raise ConfigError(f"--tokenizer-model: {self.tokenizer_model} does not exist")
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming (Megatron's --save / --load)."""
+
+    save: Optional[str] = option(None, "folder for checkpoints (iter_NNNNNNN/ and a `latest` marker)")
+    load: Optional[str] = option(None, "a checkpoint folder, or a --save folder (its latest) to resume from")
+    save_interval: Optional[int] = option(None, "None: only at the end of training")
+    keep_last: Optional[int] = option(None, "None: keep all")
+    finetune: bool = option(False, "--load the weights only: step 0, a new optimizer and schedule, the data from "
+                                   "the start")
+    no_load_optim: bool = option(False, "resume (step, data, RNG) with a new optimizer: e.g. from a model-only "
+                                        "checkpoint")
+    no_load_rng: bool = option(False, "resume without the checkpoint's random generators")
+
+
+@dataclass
+class LoggingConfig:
+    """Progress lines, metrics.jsonl, TensorBoard and the loss plot."""
+
+    log_dir: Optional[str] = option(None, "metrics.jsonl, TensorBoard events, loss.png; None: checkpoint.save or "
+                                          "./runs")
+    log_interval: int = option(10, "steps between progress lines and metrics records")
+    tensorboard: bool = option(True, "write TensorBoard events too")
+    peak_tflops: Optional[float] = option(None, "per device, for model FLOPs utilisation")
+
+
+@dataclass
+class Config:
+    """A whole run: one section per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, world_size: int, check_files: bool = True) -> None:
+        """Check everything a run needs before any process-group work."""
+        self.model.validate()
+        self.parallel.validate(world_size, self.model)
+        self.optimizer.validate()
+        self.training.validate(world_size, self.parallel)
+        if self.data.data_path:  # one rule for --data-path, before any file is looked at
+            parse_data_path(self.data.data_path)
+        tp = self.parallel.tensor_model_parallel_size
+        if self.parallel.sequence_parallel and self.data.seq_length % tp:
+            raise ConfigError(f"--sequence-parallel splits the sequence over TP: --seq-length {self.data.seq_length} "
+                              f"is not divisible by --tensor-model-parallel-size {tp}")
+        if self.training.fp8:
+            self._validate_fp8_shapes()
+        if check_files:
+            self.data.validate()
+        if self.checkpoint.load and not os.path.exists(self.checkpoint.load):
+            raise ConfigError(f"--load: {self.checkpoint.load} does not exist")
+        if self.checkpoint.finetune and not self.checkpoint.load:
+            raise ConfigError("--finetune starts from the weights of a checkpoint: give --load DIR")
+        t = self.training
+        if (t.exit_signal_handler or t.exit_duration_in_mins) and not self.checkpoint.save:
+            flag = "--exit-signal-handler" if t.exit_signal_handler else "--exit-duration-in-mins"
+            raise ConfigError(f"{flag} stops the run early to resume it later: give --save DIR for its checkpoint")
+
+    def _validate_fp8_shapes(self) -> None:
+        """FP8 GEMMs in Transformer Engine need every matrix dimension a multiple of 16."""
+        m, tp = self.model, self.parallel.tensor_model_parallel_size
+        dims = {"model.d_model": m.d_model, "tokens per micro-batch (--micro-batch-size x --seq-length)":
+                self.training.micro_batch_size * self.data.seq_length}
+        if "M" in m.pattern:
+            dims.update({"Mamba d_inner / TP": m.d_inner // tp, "model.dt_rank + 2 x model.d_state":
+                         m.resolved_dt_rank + 2 * m.d_state})
+        if "F" in m.pattern:
+            dims["model.d_ffn / TP"] = m.resolved_d_ffn // tp
+        for name, value in dims.items():
+            if value % 16:
+                raise ConfigError(f"training.fp8: {name} = {value} is not a multiple of 16, which FP8 GEMMs need; "
+                                  "change it or train in bf16 (unset training.fp8)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

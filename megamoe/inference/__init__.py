@@ -1,0 +1,23 @@
+"""Using a trained model: loading a checkpoint into one process, recurrent generation, perplexity."""
+from megamoe.errors import InferenceError
+from megamoe.inference.evaluation import (
+                                          dataset_batches,
+                                          dataset_chunks,
+                                          evaluate_perplexity,
+                                          text_batches,
+                                          token_batches,
+)
+from megamoe.inference.generation import (
+                                          InferenceCache,
+                                          allocate_cache,
+                                          check_model,
+                                          filter_logits,
+                                          forward_cached,
+                                          generate,
+                                          sample,
+)
+from megamoe.inference.loading import available_bytes, checkpoint_tokenizer, load_for_inference
+
+__all__ = ["InferenceCache", "InferenceError", "allocate_cache", "available_bytes", "check_model",
+           "checkpoint_tokenizer", "dataset_batches", "dataset_chunks", "evaluate_perplexity", "filter_logits",
+           "forward_cached", "generate", "load_for_inference", "sample", "text_batches", "token_batches"]

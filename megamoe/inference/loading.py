@@ -1,0 +1,74 @@
+"""Loading a checkpoint for use, in one process: the home that generation, evaluation and their tools share.
+
+    model, cfg = load_for_inference(checkpoint, device)   any saved TP/PP/EP/DP layout, into one CPU or GPU process
+    tokenizer  = checkpoint_tokenizer(cfg)                the tokenizer the checkpoint's config names, or the one given
+    cfg        = checkpoint.load_config(path)             the config alone (megamoe.checkpoint)
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from megamoe import checkpoint
+from megamoe.data import load_tokenizer
+from megamoe.errors import DataError, InferenceError
+from megamoe.model import build_model, count_parameters
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Free memory on `device` (GPU), or available RAM (CPU); None when it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def checkpoint_tokenizer(cfg, tokenizer_model: Optional[str] = None, required: bool = True):
+    """The tokenizer `tokenizer_model` names, else the one the checkpoint's config names. DataError when it is
+    missing (None instead when not `required` and none was asked for) or larger than the model's vocabulary."""
+    named = tokenizer_model or cfg.data.tokenizer_model
+    if not tokenizer_model and not (named and os.path.isfile(named)):
+        if not required:
+            return None
+        if not named:
+            raise DataError("the checkpoint's config names no tokenizer (trained on mock data?); pass "
+                            "--tokenizer-model PATH")
+        raise DataError(f"the checkpoint's tokenizer {named} does not exist here; pass --tokenizer-model PATH")
+    tokenizer = load_tokenizer(named)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"the tokenizer {named} has {tokenizer.vocab_size} pieces, more than the model's vocabulary "
+                        f"of {cfg.model.vocab_size}: it is not the tokenizer the model was trained with")
+    return tokenizer
+
+
+def load_for_inference(path: str, device: Optional[str] = None):
+    """(model in eval mode on `device`, its Config) from checkpoint `path` (a checkpoint folder, or a --save
+    folder's latest), whatever TP/PP/EP/DP layout it was saved in. CheckpointError for a missing or damaged
+    checkpoint; InferenceError when the model cannot run here (no such device, not enough memory)."""
+    path = checkpoint.resolve(path)
+    cfg = checkpoint.load_config(path)
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InferenceError(f"--device {device} asked for, but this machine has no CUDA device; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InferenceError(f"--device {device}: use cpu or cuda")
+    need = count_parameters(cfg.model)["total"] * 4  # fp32 weights, as the checkpoint holds them
+    have = available_bytes(device)
+    if have is not None and need > have:
+        raise InferenceError(f"{path}: the model's {need / 4e6:.0f}M parameters need {need / 2**30:.1f} GiB in "
+                             f"fp32, more than the {have / 2**30:.1f} GiB of {device.type} memory available here; "
+                             "run it on a machine with more memory")
+    model = build_model(cfg.model, seed=cfg.training.seed)  # every weight is then read from the checkpoint
+    checkpoint.load(path, model, None, cfg, None)  # model only: the training run's generators stay saved
+    return model.to(device).eval(), cfg

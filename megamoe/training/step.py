@@ -1,0 +1,127 @@
+"""One optimizer step: a step's micro-batches through the model (a plain loop, or the pipeline schedule), the
+gradients reduced, clipped and applied; and validation with the same runner.
+
+    runner = make_runner(model, cfg, topo)
+    record = train_step(runner, optimizer, batches, cfg, topo, lr, owners, scaler)   -> step metrics
+    loss   = evaluate(runner, batches, cfg, topo)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+
+from megamoe.config import Config
+from megamoe.model import MoETotals, aux_loss_scale
+from megamoe.parallel import Topology
+from megamoe.parallel.data_parallel import GradientReducer, clip_gradients
+from megamoe.parallel.pipeline import Pipeline
+from megamoe.parallel.te import fp8_context
+
+
+def _autocast(cfg: Config, device: torch.device):
+    dtype = cfg.training.autocast_dtype
+    return torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype else contextlib.nullcontext()
+
+
+def _mean_over_dp(values: torch.Tensor, topo: Topology) -> torch.Tensor:
+    if topo.dp > 1:
+        values = values.to(topo.device)
+        dist.all_reduce(values, group=topo.dp_group)
+        values = values / topo.dp
+    return values.cpu()
+
+
+class MicroBatches:
+    """Runs one step's micro-batches through the whole model, one after another (no pipeline)."""
+
+    def __init__(self, model, cfg: Config, topo: Topology):
+        self.model, self.cfg, self.topo = model, cfg, topo
+        self.loss_scale = 1.0  # what the LM loss is multiplied by before backward (--fp16)
+
+    def _forward(self, batch):
+        batch = {k: v.to(self.topo.device, non_blocking=True) for k, v in batch.items()}  # from pinned memory
+        return self.model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+
+    def forward_backward(self, batches: list) -> tuple:
+        """Sums over micro-batches of [lm loss, aux loss, z loss, dropped, assignments], tokens per expert."""
+        lm_loss, moe = 0.0, MoETotals(self.cfg.model.num_experts)
+        for batch in batches:
+            out = self._forward(batch)
+            (out.lm_loss * (self.loss_scale / len(batches))).backward()
+            lm_loss += out.lm_loss.item()
+            moe.add(out.aux_loss, out.z_loss, out.moe_stats)
+        return torch.cat([torch.tensor([lm_loss], dtype=torch.float64), moe.sums]), moe.tokens_per_expert
+
+    def sync_shared_grads(self) -> None:
+        """Nothing is shared between stages without a pipeline."""
+
+    @torch.no_grad()
+    def evaluate(self, batches: list) -> float:
+        return sum(float(self._forward(b).lm_loss) for b in batches) / max(1, len(batches))
+
+
+def make_runner(model, cfg: Config, topo: Topology):
+    """What runs a step's micro-batches: the pipeline schedule under PP, else a plain loop."""
+    if topo.pp > 1:
+        tcfg = cfg.training
+        runner = Pipeline(model, cfg, topo, tcfg.global_batch_size // (tcfg.micro_batch_size * topo.dp))
+    else:
+        runner = MicroBatches(model, cfg, topo)
+    runner.reducer = GradientReducer(model.parameters(), topo)
+    return runner
+
+
+def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: float, owners=None,
+               scaler=None) -> dict:
+    """One optimizer step over `batches` (this rank's micro-batches); returns step metrics.
+    `owners` (ZeRO-1): the optimizer steps only this rank's parameters, then they are broadcast.
+    `scaler` (--fp16): the losses are multiplied by its scale, the gradients divided by it after reduction,
+    and a step whose gradient norm is not finite is skipped (on every rank: the norm is global)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    runner.model.zero_grad(set_to_none=True)
+    runner.reducer.start(len(batches))
+    runner.loss_scale = scaler.scale if scaler else 1.0
+    # The MoE losses are scaled as the LM loss is: 1 / micro-batches (x the loss scale).
+    with _autocast(cfg, topo.device), fp8_context(cfg, topo), aux_loss_scale(runner.loss_scale / len(batches)):
+        sums, tokens_per_expert = runner.forward_backward(batches)
+    runner.reducer.finish()
+    runner.sync_shared_grads()
+    params = [p for p in runner.model.parameters() if p.requires_grad]
+    if scaler:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_div_(grads, runner.loss_scale)
+    grad_norm = clip_gradients(params, cfg.optimizer.clip_grad, topo)
+    skipped = scaler is not None and not math.isfinite(grad_norm)
+    if not skipped:
+        optimizer.step()
+        if owners is not None:
+            owners.broadcast()
+    if scaler:
+        scaler.update(overflow=skipped)
+    sums = _mean_over_dp(torch.cat([sums, tokens_per_expert]), topo)
+    lm, aux, z = (sums[:3] / len(batches)).tolist()
+    record = dict(loss=lm + aux + z, lm_loss=lm, aux_loss=aux, z_loss=z, lr=lr, grad_norm=grad_norm)
+    if scaler:
+        record.update(loss_scale=runner.loss_scale, skipped_step=int(skipped))
+    if sums[4] > 0:
+        load = sums[5:]
+        record["fraction_dropped"] = float(sums[3] / sums[4])
+        record["expert_load_max_over_mean"] = float(load.max() / load.mean().clamp(min=1e-9))
+        record["tokens_per_expert"] = [round(float(n), 2) for n in load]  # summed over MoE layers, mean over DP
+    return record
+
+
+def evaluate(runner, batches, cfg: Config, topo: Topology) -> float:
+    """Mean LM loss over the given validation micro-batches, averaged over data-parallel ranks."""
+    runner.model.eval()
+    try:
+        with _autocast(cfg, topo.device), fp8_context(cfg, topo):
+            loss = runner.evaluate(batches)
+    finally:
+        runner.model.train()
+    return float(_mean_over_dp(torch.tensor([loss], dtype=torch.float64), topo))
