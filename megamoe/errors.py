@@ -23,3 +23,7 @@ class CheckpointError(UserError, RuntimeError):
 
 class InferenceError(UserError, RuntimeError):
     """A model or request that generation or evaluation cannot run here; the message says why and what to do."""
+
+
+class TrainingError(UserError, RuntimeError):
+    """A run that cannot go on (non-finite steps beyond the skip limit); the message says where and what to do."""

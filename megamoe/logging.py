@@ -20,10 +20,13 @@ def _rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+ONCE = {"once": True}  # log.warning(msg, extra=ONCE): a warning every rank raises alike, printed by rank 0 alone
+
+
 def _rank0_or_warning(record: logging.LogRecord) -> bool:
     # Decided when a line is logged, not when the logger is made: loggers are made at import, before the
     # process group (and so the rank) exists.
-    return record.levelno >= logging.WARNING or _rank() == 0
+    return (record.levelno >= logging.WARNING and not getattr(record, "once", False)) or _rank() == 0
 
 
 def get_logger(name: str = "megamoe") -> logging.Logger:
@@ -101,6 +104,10 @@ class Progress:
             if record.get(key) is not None:
                 parts.append(f"{label} {format(record[key], fmt)}")
         if record.get("skipped_steps"):
-            parts.append(f"skipped {record['skipped_steps']} (fp16 overflow)")
+            why = f"{record['nonfinite_steps']} non-finite" if record.get("nonfinite_steps") else "fp16 overflow"
+            parts.append(f"skipped {record['skipped_steps']} ({why})")
+        if "slowest_rank" in record:
+            parts.append(f"fwd-bwd per rank {record['fwd_bwd_min_s']:.2f}-{record['fwd_bwd_max_s']:.2f} s "
+                         f"(slowest rank {record['slowest_rank']})")
         parts.append(f"ETA {format_duration(self.eta(step))}")
         return " | ".join(parts)

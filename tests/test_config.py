@@ -22,6 +22,15 @@ def test_yaml_then_command_line(tmp_path):
     assert build_config(None, ["--moe-grouped-gemm"]).training.moe_grouped_gemm is True
 
 
+def test_megatron_reliability_flags():
+    cfg = build_config(None, ["--no-check-for-nan-in-loss-and-grad", "--check-for-spiky-loss", "--rerun-mode",
+                              "validate_results", "--async-save", "--distributed-timeout-minutes", "10"])
+    assert cfg.training.check_for_nan_in_loss_and_grad is False and cfg.training.check_for_spiky_loss is True
+    assert cfg.training.rerun_mode == "validate_results" and cfg.checkpoint.async_save is True
+    assert cfg.parallel.distributed_timeout_minutes == 10
+    assert build_config(None, []).training.check_for_nan_in_loss_and_grad is True  # on by default, as Megatron
+
+
 def test_resolved_config_round_trips_through_yaml(tmp_path):
     cfg = build_config(None, ["--model.mamba_moe_projections", "conv", "gate", "--seq-length", "64"])
     path = tmp_path / "resolved.yaml"
@@ -82,6 +91,10 @@ def test_unknown_yaml_section_and_key(tmp_path):
      "uniform takes 1 .* use --recompute-method block N"),
     ({"training": {"recompute_granularity": "full", "fp8": "hybrid"}}, 1, "with training.fp8 is not supported"),
     ({"checkpoint": {"finetune": True}}, 1, "--finetune starts from the weights of a checkpoint: give --load DIR"),
+    ({"parallel": {"heartbeat_timeout_seconds": -1}}, 1, "heartbeat_timeout_seconds=-1.0 must be >= 0"),
+    ({"training": {"max_nonfinite_skips": -1}}, 1, "max_nonfinite_skips=-1 must be >= 0"),
+    ({"training": {"spiky_loss_factor": 1.0}}, 1, "spiky_loss_factor=1.0 must be > 1"),
+    ({"training": {"rerun_mode": "report_stats"}}, 1, "--rerun-mode='report_stats': use disabled or validate_results"),
 ])
 def test_validation_names_key_and_fix(overrides, world, message):
     cfg = _valid(**overrides)

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.staging import AsyncStager
 
 from megamoe.config import Config
 from megamoe.errors import CheckpointError
@@ -180,25 +181,69 @@ def rank_and_world(topo) -> tuple:
     return dist.get_rank(), dist.get_world_size()
 
 
-def barrier(topo) -> None:
+def barrier(topo, group=None) -> None:
+    """Every rank of the save / load waits for the others (`group`: a background save's own group)."""
     if rank_and_world(topo)[1] > 1:
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def gather_all(obj, topo) -> list:
+def gather_all(obj, topo, group=None) -> list:
     """Every rank's `obj`, in rank order, on every rank."""
     if rank_and_world(topo)[1] == 1:
         return [obj]
     every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, obj)
+    dist.all_gather_object(every, obj, group=group)
     return every
 
 
-def write_entries(path: str, entries: dict, topo=None) -> None:
-    """Write {key: Boxes} of every rank (collectively) as one DCP checkpoint in `path`."""
+def _failures(e: BaseException) -> str:
+    """DCP's error as one line: each failing rank and its error (DCP names ranks and keys, not the folder)."""
+    failures = getattr(e, "failures", {})
+    return "; ".join(f"rank {r}: {type(f).__name__} {f}" for r, f in failures.items()) or f"{type(e).__name__} {e}"
+
+
+def write_entries(path: str, entries: dict, topo=None, group=None) -> None:
+    """Write {key: Boxes} of every rank (collectively, over `group` when given) as one DCP checkpoint in `path`."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(entries, checkpoint_id=path, planner=_BoxSavePlanner(), no_dist=rank_and_world(topo)[1] == 1)
+        try:
+            dcp.save(entries, checkpoint_id=path, planner=_BoxSavePlanner(), process_group=group,
+                     no_dist=rank_and_world(topo)[1] == 1)
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"writing {path} failed: {_failures(e)}") from e
+
+
+class BoxStager(AsyncStager):
+    """dcp.async_save's staging for Boxes: a CPU copy of every local tensor (pinned for a GPU's), so training
+    can change the parameters and optimizer state while the copy is written. The copies are kept and refilled by
+    the next save (one save is in flight at a time): fresh buffers would cost a page fault per 4 KiB each time."""
+
+    _synchronize_after_execute = False
+
+    def __init__(self):
+        self.buffers: dict = {}
+
+    def stage(self, state_dict: dict) -> dict:
+        return {key: dataclasses.replace(entry, local=self._copy(key, entry.local))
+                for key, entry in state_dict.items()}
+
+    def _copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+            self.buffers[key] = buf
+        return buf.copy_(t)
+
+
+def write_entries_async(path: str, entries: dict, topo, group, stager: BoxStager):
+    """Start writing {key: Boxes} as one DCP checkpoint in `path` in DCP's background thread, over `group` (a
+    process group of its own, so its collectives never meet training's); returns the Future of the write once
+    `stager` has copied the entries to CPU memory."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        return dcp.async_save(entries, checkpoint_id=path, planner=_BoxSavePlanner(), process_group=group,
+                              async_stager=stager, no_dist=rank_and_world(topo)[1] == 1)
 
 
 def read_entries(path: str, entries: dict, topo=None) -> None:
@@ -207,10 +252,8 @@ def read_entries(path: str, entries: dict, topo=None) -> None:
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         try:
             dcp.load(entries, checkpoint_id=path, planner=_BoxLoadPlanner(), no_dist=rank_and_world(topo)[1] == 1)
-        except (Exception, CheckpointException) as e:  # DCP's errors name ranks and keys, not the folder
-            failures = getattr(e, "failures", {})
-            what = "; ".join(f"rank {r}: {type(f).__name__} {f}" for r, f in failures.items()) or repr(e)
-            raise CheckpointError(f"reading {path} failed: {what}") from e
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"reading {path} failed: {_failures(e)}") from e
 
 
 def read_metadata(path: str):

@@ -43,15 +43,32 @@ def _unneeded_old_copy(path: str) -> bool:
     if not base.startswith(OLD_PREFIX):
         return False
     name = base[len(OLD_PREFIX):]
-    return _latest_name(root) != name or os.path.isdir(os.path.join(root, name))
+    return latest_name(root) != name or os.path.isdir(os.path.join(root, name))
 
 
-def _latest_name(root: str):
+def latest_name(root: str):
+    """The checkpoint `root/latest` names, or None."""
     latest = os.path.join(root, LATEST)
     if not os.path.isfile(latest):
         return None
     with open(latest) as f:
         return f.read().strip()
+
+
+def holds_checkpoint(path: str) -> bool:
+    """Whether `path` is, or (as a --save folder) holds, anything `resolve` would take or reject: a `latest`
+    marker, a complete checkpoint, or a checkpoint's marker. A folder with only a killed first save's temporary
+    folder holds none."""
+    if not os.path.isdir(path):
+        return False
+    return (os.path.isfile(os.path.join(path, LATEST)) or os.path.isfile(os.path.join(path, MARKER))
+            or bool(complete_checkpoints(path)))
+
+
+def remove_tmp(tmp: str, topo) -> None:
+    """Rank 0 removes the temporary folder of a save that failed (a full disk gets its space back)."""
+    if rank_and_world(topo)[0] == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve(path: str) -> str:
@@ -61,7 +78,7 @@ def resolve(path: str) -> str:
     if os.path.basename(os.path.normpath(path)).startswith(TMP_PREFIX) or _unneeded_old_copy(path):
         raise CheckpointError(f"--load: {path} is the temporary folder of a save that did not finish; "
                               f"load {os.path.dirname(os.path.normpath(path))} (its {LATEST} checkpoint) instead")
-    latest, name = os.path.join(path, LATEST), _latest_name(path)
+    latest, name = os.path.join(path, LATEST), latest_name(path)
     if name is not None:
         target, old = os.path.join(path, name), os.path.join(path, OLD_PREFIX + name)
         if not os.path.isdir(target) and os.path.isfile(os.path.join(old, MARKER)):
@@ -117,14 +134,14 @@ def _crc32(path: str) -> int:
     return crc
 
 
-def file_table(folder: str, topo) -> dict:
+def file_table(folder: str, topo, group=None) -> dict:
     """{file: [size, crc32]} of every file of `folder` but the marker; the ranks share the hashing."""
     rank, world = rank_and_world(topo)
     files = sorted(f for f in os.listdir(folder) if f != MARKER and os.path.isfile(os.path.join(folder, f)))
     mine = {f: [os.path.getsize(os.path.join(folder, f)), _crc32(os.path.join(folder, f))]
             for f in files[rank::world]}
     table = {}
-    for part in gather_all(mine, topo):
+    for part in gather_all(mine, topo, group):
         table.update(part)
     return table
 
@@ -176,11 +193,12 @@ def _fsync_write(path: str, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def finalize(root: str, tmp: str, name: str, marker: dict, topo, keep_last=None) -> str:
-    """Verify `tmp`, write its marker, rename it to root/name, point `latest` at it, prune (rank 0 renames)."""
+def finalize(root: str, tmp: str, name: str, marker: dict, topo, keep_last=None, group=None) -> str:
+    """Verify `tmp`, write its marker, rename it to root/name, point `latest` at it, prune (rank 0 renames).
+    `group`: the process group of a background save."""
     metadata = read_metadata(tmp)
     raise_if(check_storage(tmp, metadata), f"verifying the new checkpoint {tmp} failed")
-    marker = dict(marker, files=file_table(tmp, topo))
+    marker = dict(marker, files=file_table(tmp, topo, group))
     final = os.path.join(root, name)
     if rank_and_world(topo)[0] == 0:
         _fsync_write(os.path.join(tmp, MARKER), json.dumps(marker, indent=1))
@@ -191,7 +209,7 @@ def finalize(root: str, tmp: str, name: str, marker: dict, topo, keep_last=None)
         _write_latest(root, name)
         shutil.rmtree(old, ignore_errors=True)
         _prune(root, keep_last, name)
-    barrier(topo)
+    barrier(topo, group)
     return final
 
 

@@ -9,16 +9,16 @@
 with the key and the fix.
 """
 from megamoe.config.flags import (
-                                  MEGATRON_FLAGS,
-                                  add_config_arguments,
-                                  all_keys,
-                                  apply_dict,
-                                  build_config,
-                                  config_from_dict,
-                                  describe_keys,
-                                  load_yaml,
-                                  parse_overrides,
-                                  set_key,
+    MEGATRON_FLAGS,
+    add_config_arguments,
+    all_keys,
+    apply_dict,
+    build_config,
+    config_from_dict,
+    describe_keys,
+    load_yaml,
+    parse_overrides,
+    set_key,
 )
 from megamoe.config.model import ModelConfig, mamba_d_inner, mamba_dt_rank
 from megamoe.config.parallel import ParallelConfig

@@ -45,6 +45,9 @@ MEGATRON_FLAGS = {
     "--exit-signal-handler": "training.exit_signal_handler",
     "--exit-duration-in-mins": "training.exit_duration_in_mins",
     "--exit-interval": "training.exit_interval",
+    "--check-for-nan-in-loss-and-grad": "training.check_for_nan_in_loss_and_grad",
+    "--check-for-spiky-loss": "training.check_for_spiky_loss",
+    "--rerun-mode": "training.rerun_mode",
     "--eval-interval": "training.eval_interval",
     "--eval-iters": "training.eval_iters",
     "--seq-length": "data.seq_length",
@@ -64,12 +67,20 @@ MEGATRON_FLAGS = {
     "--save": "checkpoint.save",
     "--load": "checkpoint.load",
     "--save-interval": "checkpoint.save_interval",
+    "--async-save": "checkpoint.async_save",
     "--finetune": "checkpoint.finetune",
     "--no-load-optim": "checkpoint.no_load_optim",
     "--no-load-rng": "checkpoint.no_load_rng",
+    "--distributed-timeout-minutes": "parallel.distributed_timeout_minutes",
     "--log-interval": "logging.log_interval",
     "--num-experts": "model.num_experts",
     "--hidden-size": "model.d_model",
+}
+
+
+# Megatron-LM's flags that turn a default-on option off (they take no value)
+MEGATRON_NEGATIONS = {
+    "--no-check-for-nan-in-loss-and-grad": "training.check_for_nan_in_loss_and_grad",
 }
 
 
@@ -82,7 +93,7 @@ def all_keys(cfg: Config) -> list:
 
 
 def _unknown_key(key: str, cfg: Config, where: str) -> ConfigError:
-    candidates = list(_fields(cfg)) + all_keys(cfg) + list(MEGATRON_FLAGS)
+    candidates = list(_fields(cfg)) + all_keys(cfg) + list(MEGATRON_FLAGS) + list(MEGATRON_NEGATIONS)
     close = difflib.get_close_matches(key, candidates, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `megamoe-train --help-config`"
     return ConfigError(f"unknown config key {key!r} in {where}{hint}")
@@ -159,6 +170,10 @@ def parse_overrides(argv: list, cfg: Config) -> None:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --model.d_model 512")
         flag, eq, inline = arg.partition("=")
+        if flag in MEGATRON_NEGATIONS and not eq:
+            set_key(cfg, MEGATRON_NEGATIONS[flag], False)
+            i += 1
+            continue
         key = MEGATRON_FLAGS.get(flag) or flag[2:].replace("-", "_")
         section, _, name = key.partition(".")
         if section not in _fields(cfg) or name not in _fields(getattr(cfg, section)):

@@ -26,6 +26,8 @@ class ParallelConfig:
     pipeline_schedule: str = option("1f1b", "1f1b | interleaved_1f1b | zero_bubble")
     backend: str = option("auto", "auto (nccl with CUDA, gloo without) | nccl | gloo")
     distributed_timeout_minutes: int = option(30, "timeout of a collective that does not complete")
+    heartbeat_timeout_seconds: float = option(120.0, "a rank silent this long is gone: the others exit (status 1) "
+                                                     "for the launcher to restart the job; 0: off")
 
     @property
     def resolved_etp(self) -> int:
@@ -59,6 +61,9 @@ class ParallelConfig:
         self._validate_model_split(model, tp, ep, etp)
         if self.virtual_stages > 1 and pp == 1:
             raise ConfigError("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size > 1")
+        if self.heartbeat_timeout_seconds < 0:
+            raise ConfigError(f"parallel.heartbeat_timeout_seconds={self.heartbeat_timeout_seconds} must be >= 0 "
+                              "(0 turns the heartbeat off)")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"parallel.backend={self.backend!r}: use auto, nccl or gloo")
         if self.pipeline_schedule not in PIPELINE_SCHEDULES:

@@ -33,6 +33,10 @@ def parse_data_path(data_path: Sequence) -> tuple:
     return items[1::2], weights
 
 
+def same_folder(a: Optional[str], b: Optional[str]) -> bool:
+    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
+
+
 @dataclass
 class DataConfig:
     """Megatron indexed datasets. data_path: prefixes, optionally weighted: [0.7, a, 0.3, b]."""
@@ -80,6 +84,7 @@ class CheckpointConfig:
     load: Optional[str] = option(None, "a checkpoint folder, or a --save folder (its latest) to resume from")
     save_interval: Optional[int] = option(None, "None: only at the end of training")
     keep_last: Optional[int] = option(None, "None: keep all")
+    async_save: bool = option(False, "write checkpoints in the background while training goes on (one at a time)")
     finetune: bool = option(False, "--load the weights only: step 0, a new optimizer and schedule, the data from "
                                    "the start")
     no_load_optim: bool = option(False, "resume (step, data, RNG) with a new optimizer: e.g. from a model-only "
@@ -126,14 +131,31 @@ class Config:
             self._validate_fp8_shapes()
         if check_files:
             self.data.validate()
-        if self.checkpoint.load and not os.path.exists(self.checkpoint.load):
-            raise ConfigError(f"--load: {self.checkpoint.load} does not exist")
+        self._validate_checkpoint_paths()
         if self.checkpoint.finetune and not self.checkpoint.load:
             raise ConfigError("--finetune starts from the weights of a checkpoint: give --load DIR")
         t = self.training
         if (t.exit_signal_handler or t.exit_duration_in_mins) and not self.checkpoint.save:
             flag = "--exit-signal-handler" if t.exit_signal_handler else "--exit-duration-in-mins"
             raise ConfigError(f"{flag} stops the run early to resume it later: give --save DIR for its checkpoint")
+
+    def _validate_checkpoint_paths(self) -> None:
+        """--save can be written; --load exists, unless it is also --save: the same command then starts the run
+        (nothing saved yet) or resumes it, as Megatron's launch scripts expect."""
+        c = self.checkpoint
+        if c.save:
+            probe = c.save
+            while not os.path.exists(probe):  # the nearest folder that exists must let us create the rest
+                parent = os.path.dirname(os.path.abspath(probe))
+                if parent == os.path.abspath(probe):
+                    break
+                probe = parent
+            if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+                raise ConfigError(f"--save {c.save}: {probe} is not a writable folder; give a --save folder this "
+                                  "process can write (on a filesystem every rank shares)")
+        if c.load and not os.path.exists(c.load) and not same_folder(c.load, c.save):
+            raise ConfigError(f"--load: {c.load} does not exist (a typo?); give a checkpoint folder or a --save "
+                              "folder, or the --save folder itself to start a run that resumes itself")
 
     def _validate_fp8_shapes(self) -> None:
         """FP8 GEMMs in Transformer Engine need every matrix dimension a multiple of 16."""

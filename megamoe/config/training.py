@@ -63,6 +63,15 @@ class TrainingConfig:
     exit_signal_handler: bool = option(False, "on SIGTERM: finish the step, save (--save), exit cleanly")
     exit_duration_in_mins: Optional[float] = option(None, "save and exit after this many minutes of training")
     exit_interval: Optional[int] = option(None, "save and exit when the step is a multiple of this")
+    check_for_nan_in_loss_and_grad: bool = option(True, "a non-finite loss or gradient on any rank skips the step "
+                                                        "(weights untouched) and is traced to its first module")
+    max_nonfinite_skips: int = option(3, "consecutive non-finite steps skipped before the run stops (0: stop at "
+                                         "the first)")
+    check_for_spiky_loss: bool = option(False, "report a step whose loss exceeds spiky_loss_factor x the mean of "
+                                               "the last 20 steps")
+    spiky_loss_factor: float = option(10.0, "--check-for-spiky-loss: what counts as a spike")
+    rerun_mode: str = option("disabled", "disabled | validate_results: re-run a spiky step once from the same "
+                                         "state to tell a transient fault from a deterministic one")
     eval_interval: int = option(100, "steps between validations (0: none)")
     eval_iters: int = option(10, "global batches of the valid split per validation")
     torch_threads: Optional[int] = option(None, "CPU threads per process; None: cores / local processes")
@@ -136,6 +145,12 @@ class TrainingConfig:
             raise ConfigError(f"--exit-interval={self.exit_interval} must be >= 1")
         if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:
             raise ConfigError(f"--exit-duration-in-mins={self.exit_duration_in_mins} must be > 0")
+        if self.max_nonfinite_skips < 0:
+            raise ConfigError(f"training.max_nonfinite_skips={self.max_nonfinite_skips} must be >= 0")
+        if self.spiky_loss_factor <= 1:
+            raise ConfigError(f"training.spiky_loss_factor={self.spiky_loss_factor} must be > 1")
+        if self.rerun_mode not in ("disabled", "validate_results"):
+            raise ConfigError(f"--rerun-mode={self.rerun_mode!r}: use disabled or validate_results")
         if self.fp8 and self.transformer_engine == "off":
             raise ConfigError("training.fp8 needs Transformer Engine linears; set training.transformer_engine to "
                               "auto or on, or unset training.fp8")

@@ -1,20 +1,20 @@
 """Using a trained model: loading a checkpoint into one process, recurrent generation, perplexity."""
 from megamoe.errors import InferenceError
 from megamoe.inference.evaluation import (
-                                          dataset_batches,
-                                          dataset_chunks,
-                                          evaluate_perplexity,
-                                          text_batches,
-                                          token_batches,
+    dataset_batches,
+    dataset_chunks,
+    evaluate_perplexity,
+    text_batches,
+    token_batches,
 )
 from megamoe.inference.generation import (
-                                          InferenceCache,
-                                          allocate_cache,
-                                          check_model,
-                                          filter_logits,
-                                          forward_cached,
-                                          generate,
-                                          sample,
+    InferenceCache,
+    allocate_cache,
+    check_model,
+    filter_logits,
+    forward_cached,
+    generate,
+    sample,
 )
 from megamoe.inference.loading import available_bytes, checkpoint_tokenizer, load_for_inference
 

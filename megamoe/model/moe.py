@@ -131,6 +131,7 @@ class Experts(nn.Module):
             self.w1 = nn.Parameter(torch.empty(num_experts, d_in, width))
             self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_out))
         self.grouped_gemm = True  # torch's grouped GEMM where it fits (grouped_fits); False: always the loop
+        self.first_expert = 0  # the global index of local expert 0 (expert parallelism holds a slice)
         # nn.Linear's default init, per expert: uniform(+-1/sqrt(fan_in)).
         for w in self.parameters():
             nn.init.uniform_(w, -w.shape[1] ** -0.5, w.shape[1] ** -0.5)

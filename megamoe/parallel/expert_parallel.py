@@ -57,6 +57,7 @@ class ShardedExperts(Experts):
         nn.Module.__init__(self)
         self.activation, self.num_experts = full.activation, full.num_experts // topo.ep
         self.grouped_gemm = full.grouped_gemm
+        self.first_expert = topo.ep_rank * self.num_experts
         self.etp_group = topo.etp_group if topo.etp > 1 else None
         for name in ("w1", "w2"):
             if not hasattr(full, name):

@@ -163,6 +163,15 @@ class Pipeline:
         dist.all_reduce(total, group=self.topo.pp_group)
         return float(total[0] / total[1].clamp(min=1))
 
+    @property
+    def micro_losses(self) -> list:
+        """This rank's LM loss of each micro-batch of the last step (the last stage's; empty elsewhere)."""
+        return [float(loss) for loss in self.lm_losses]
+
+    def micro_batch_roots(self) -> list:
+        """The modules called once per micro-batch (a NonFiniteProbe counts micro-batches by them)."""
+        return list(self.chunks)
+
     def sync_shared_grads(self) -> None:
         """Sum the tied embedding's gradient over its first- and last-stage copies (after DP averaging)."""
         if not (self.cfg.model.tie_embeddings and self.topo.in_embedding_group):

@@ -11,7 +11,7 @@ import datetime
 import os
 import socket
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -89,6 +89,28 @@ def detect_launch_env() -> LaunchEnv:
     return _mpi_env() or _slurm_env() or LaunchEnv(0, 1, 0, 1, "127.0.0.1", 0, "single")
 
 
+def attempt() -> str:
+    """This launch attempt: torchrun's restart count (0 for the first start, and for every other launcher)."""
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+
+
+def store_client(env: LaunchEnv, timeout: datetime.timedelta, host: bool = False) -> dist.Store:
+    """A connection to the job's rendezvous store, its keys under this attempt's prefix. The store is held by
+    torchrun's agent (TORCHELASTIC_USE_AGENT_STORE) or, for other launchers, by rank 0 (`host`)."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=host and not agent,
+                          timeout=timeout, wait_for_workers=False)
+    return dist.PrefixStore(f"megamoe/attempt_{attempt()}/", store)
+
+
+def rendezvous_store(env: LaunchEnv, timeout: datetime.timedelta) -> dist.Store:
+    """The store the process groups rendezvous in. torchrun's agent keeps its store across elastic restarts, so
+    without a prefix per attempt the first attempt's keys (every rank's address under each group's name) are
+    still there when the restarted workers build the same groups, and a new rank dials a dead one ("Gloo
+    connectFullMesh failed ... Connection refused"; pytorch#167288 under NCCL)."""
+    return store_client(env, timeout, host=env.rank == 0)
+
+
 @dataclass
 class Topology:
     """Sizes, ranks, groups, device and backend of this run (megatron-core's parallel_state groups)."""
@@ -103,6 +125,7 @@ class Topology:
     dp: int
     edp: int
     vpp: Optional[int]
+    _background: Optional[object] = field(default=None, repr=False)
 
     @property
     def rank(self) -> int:
@@ -197,6 +220,14 @@ class Topology:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
+    def background_group(self):
+        """A gloo group of every rank for work beside training (a background checkpoint save), so its collectives
+        never interleave with training's on the default group. Made at the first call, which every rank makes at
+        the same point of the run (a collective)."""
+        if self._background is None:
+            self._background = dist.new_group(backend="gloo")
+        return self._background
+
     def describe(self) -> str:
         return (f"world {self.world_size} ({self.env.launcher}, {self.backend} on {self.device.type}) = "
                 f"TP {self.tp} x PP {self.pp} x DP {self.dp}; experts: EP {self.ep} x ETP {self.etp} x "
@@ -226,8 +257,8 @@ def init_distributed(parallel: ParallelConfig) -> Topology:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
-            dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                    rank=env.rank, world_size=env.world_size, timeout=timeout)
+            dist.init_process_group(backend, store=rendezvous_store(env, timeout), rank=env.rank,
+                                    world_size=env.world_size, timeout=timeout)
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

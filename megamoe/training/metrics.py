@@ -38,27 +38,38 @@ class IntervalMeans:
     """Losses averaged over the steps since the last logged one, and tokens/s over them (as Megatron logs)."""
 
     KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "fraction_dropped")
+    TIMES = ("step_time_s", "fwd_bwd_s")  # means over every step of the interval
 
     def __init__(self):
-        self.sums, self.steps, self.tokens, self.seconds = {}, 0, 0, 0.0
-        self.skipped = None  # --fp16: steps skipped in the interval (Megatron's "number of skipped iterations")
+        self.sums, self.times, self.steps, self.counted, self.tokens, self.seconds = {}, {}, 0, 0, 0, 0.0
+        self.skipped = None  # steps without an update in the interval (Megatron's "number of skipped iterations")
+        self.nonfinite = 0  # of them, steps with a non-finite loss or gradient (their losses are not averaged)
 
     def add(self, record: dict, tokens: int) -> None:
-        for key in self.KEYS:
-            if key in record:
-                self.sums[key] = self.sums.get(key, 0.0) + record[key]
+        if record.get("nonfinite_step"):
+            self.nonfinite += 1
+        else:
+            self.counted += 1
+            for key in self.KEYS:
+                if key in record:
+                    self.sums[key] = self.sums.get(key, 0.0) + record[key]
         if "skipped_step" in record:
             self.skipped = (self.skipped or 0) + record["skipped_step"]
+        for key in self.TIMES:
+            self.times[key] = self.times.get(key, 0.0) + record.get(key, 0.0)
         self.steps += 1
         self.tokens += tokens
         self.seconds += record["step_time_s"]
 
     def means(self, record: dict) -> dict:
         """`record` (the last step's) with the interval's means, then start a new interval."""
-        out = dict(record, **{k: v / self.steps for k, v in self.sums.items()},
+        out = dict(record, **{k: v / self.counted for k, v in self.sums.items()},
+                   **{k: v / self.steps for k, v in self.times.items()},
                    tokens_per_s=self.tokens / max(self.seconds, 1e-9))
         if self.skipped is not None:
             out["skipped_steps"] = self.skipped
+        if self.nonfinite:
+            out["nonfinite_steps"] = self.nonfinite
         self.__init__()
         return out
 
@@ -84,12 +95,21 @@ class RunLogger:
         peak = self.cfg.logging.peak_tflops
         if peak:
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (peak * 1e12 * self.topo.world_size)
-        # The fullest rank's peak (pipeline stages and expert ranks differ); every rank logs at the same steps.
-        mem = torch.tensor([peak_memory_gb(self.topo.device)], device=self.topo.device)
-        dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        # The fullest rank's peak (pipeline stages and expert ranks differ), and every rank's mean forward-backward
+        # time over the interval (the stragglers, as Megatron's straggler detector); every rank logs at the same
+        # steps. The step's wall time is the same everywhere: each rank then waits for the slowest.
+        mine = torch.tensor([peak_memory_gb(self.topo.device), record.get("fwd_bwd_s", 0.0)],
+                            dtype=torch.float64, device=self.topo.device)
+        every = [torch.empty_like(mine) for _ in range(self.topo.world_size)]
+        dist.all_gather(every, mine)
         if not self.topo.is_rank0:
             return
-        record["peak_mem_gb"] = mem.item()
+        every = torch.stack(every).cpu()
+        record["peak_mem_gb"] = float(every[:, 0].max())
+        if self.topo.world_size > 1:
+            times = every[:, 1]
+            record.update(fwd_bwd_min_s=float(times.min()), fastest_rank=int(times.argmin()),
+                          fwd_bwd_max_s=float(times.max()), slowest_rank=int(times.argmax()))
         log.info(progress.line(record["step"], record)
                  + (f" | valid {record['valid_loss']:.4f}" if "valid_loss" in record else ""))
         self.metrics.write(record)

@@ -12,7 +12,8 @@ class TrainState:
     step: int = 0
     consumed_train_samples: int = 0
     loss_scaler: dict = field(default_factory=dict)  # --fp16's dynamic loss scale (LossScaler.state_dict)
-    skipped_steps: int = 0  # --fp16 steps skipped on overflow; the LR schedule counts only the others
+    skipped_steps: int = 0  # steps without an update (fp16 overflow, non-finite); the LR schedule counts the others
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient (--check-for-nan-in-loss-and-grad)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megamoe.config import Config
 from megamoe.model import MoETotals, aux_loss_scale
-from megamoe.parallel import Topology
+from megamoe.parallel import Topology, get_rng_state, set_rng_state
 from megamoe.parallel.data_parallel import GradientReducer, clip_gradients
 from megamoe.parallel.pipeline import Pipeline
 from megamoe.parallel.te import fp8_context
+from megamoe.training.guard import StepGuard
 
 
 def _autocast(cfg: Config, device: torch.device):
@@ -47,13 +50,19 @@ class MicroBatches:
 
     def forward_backward(self, batches: list) -> tuple:
         """Sums over micro-batches of [lm loss, aux loss, z loss, dropped, assignments], tokens per expert."""
-        lm_loss, moe = 0.0, MoETotals(self.cfg.model.num_experts)
+        moe = MoETotals(self.cfg.model.num_experts)
+        self.micro_losses = []
         for batch in batches:
             out = self._forward(batch)
             (out.lm_loss * (self.loss_scale / len(batches))).backward()
-            lm_loss += out.lm_loss.item()
+            self.micro_losses.append(out.lm_loss.item())
             moe.add(out.aux_loss, out.z_loss, out.moe_stats)
-        return torch.cat([torch.tensor([lm_loss], dtype=torch.float64), moe.sums]), moe.tokens_per_expert
+        lm_loss = torch.tensor([sum(self.micro_losses)], dtype=torch.float64)
+        return torch.cat([lm_loss, moe.sums]), moe.tokens_per_expert
+
+    def micro_batch_roots(self) -> list:
+        """The modules called once per micro-batch (a NonFiniteProbe counts micro-batches by them)."""
+        return [self.model]
 
     def sync_shared_grads(self) -> None:
         """Nothing is shared between stages without a pipeline."""
@@ -74,45 +83,82 @@ def make_runner(model, cfg: Config, topo: Topology):
     return runner
 
 
-def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: float, owners=None,
-               scaler=None) -> dict:
-    """One optimizer step over `batches` (this rank's micro-batches); returns step metrics.
-    `owners` (ZeRO-1): the optimizer steps only this rank's parameters, then they are broadcast.
-    `scaler` (--fp16): the losses are multiplied by its scale, the gradients divided by it after reduction,
-    and a step whose gradient norm is not finite is skipped (on every rank: the norm is global)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def _gradients(runner, batches: list, cfg: Config, topo: Topology) -> tuple:
+    """Forward and backward of `batches`: the gradients reduced over data-parallel replicas, summed over tied
+    copies, unscaled (--fp16) and clipped; returns (the step's loss and MoE sums as means over DP, the global
+    gradient norm before clipping), the same on every rank."""
     runner.model.zero_grad(set_to_none=True)
     runner.reducer.start(len(batches))
-    runner.loss_scale = scaler.scale if scaler else 1.0
+    start = time.perf_counter()
     # The MoE losses are scaled as the LM loss is: 1 / micro-batches (x the loss scale).
     with _autocast(cfg, topo.device), fp8_context(cfg, topo), aux_loss_scale(runner.loss_scale / len(batches)):
         sums, tokens_per_expert = runner.forward_backward(batches)
+    runner.fwd_bwd_s = time.perf_counter() - start  # this rank's, before it waits for the others' gradients
     runner.reducer.finish()
     runner.sync_shared_grads()
     params = [p for p in runner.model.parameters() if p.requires_grad]
-    if scaler:
+    if runner.loss_scale != 1.0:
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
             torch._foreach_div_(grads, runner.loss_scale)
     grad_norm = clip_gradients(params, cfg.optimizer.clip_grad, topo)
-    skipped = scaler is not None and not math.isfinite(grad_norm)
+    return _mean_over_dp(torch.cat([sums, tokens_per_expert]), topo), grad_norm
+
+
+def _record(sums: torch.Tensor, grad_norm: float, lr: float, micro_batches: int) -> dict:
+    lm, aux, z = (sums[:3] / micro_batches).tolist()
+    record = dict(loss=lm + aux + z, lm_loss=lm, aux_loss=aux, z_loss=z, lr=lr, grad_norm=grad_norm)
+    if sums[4] > 0:
+        load = sums[5:]
+        record["fraction_dropped"] = float(sums[3] / sums[4])
+        record["expert_load_max_over_mean"] = float(load.max() / load.mean().clamp(min=1e-9))
+        record["tokens_per_expert"] = [round(float(n), 2) for n in load]  # summed over MoE layers, mean over DP
+    return record
+
+
+def train_step(runner, optimizer, batches, cfg: Config, topo: Topology, lr: float, owners=None,
+               scaler=None, guard: Optional[StepGuard] = None, samples: Optional[list] = None) -> dict:
+    """One optimizer step over `batches` (this rank's micro-batches); returns step metrics.
+    `owners` (ZeRO-1): the optimizer steps only this rank's parameters, then they are broadcast.
+    `scaler` (--fp16): the losses are multiplied by its scale, the gradients divided by it after reduction,
+    and a step whose gradient norm is not finite is skipped (on every rank: the norm is global).
+    `guard`: a step with a non-finite loss or gradient is skipped and traced (record["nonfinite"]), a spike
+    reported (record["spike"]; `samples` names each micro-batch's samples there) and, as configured, re-run."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    runner.loss_scale = scaler.scale if scaler else 1.0
+    rng = get_rng_state() if guard is not None and guard.rerun_spikes else None
+    sums, grad_norm = _gradients(runner, batches, cfg, topo)
+    record = _record(sums, grad_norm, lr, len(batches))
+    record["fwd_bwd_s"] = runner.fwd_bwd_s
+    trouble = guard.trouble(record, fp16=scaler is not None) if guard is not None else None
+    if trouble == "nonfinite":
+        record["nonfinite"] = guard.locate(lambda: _gradients(runner, batches, cfg, topo), runner.model,
+                                           runner.micro_batch_roots(), topo.rank)
+    elif trouble == "spike":
+        record["spike"] = guard.spike(record, runner.micro_losses, samples)
+        if rng is not None:  # the same state again: weights untouched, generators back, the same micro-batches
+            set_rng_state(rng)
+            sums, grad_norm = _gradients(runner, batches, cfg, topo)
+            first, spike = record["loss"], record["spike"]
+            record = dict(_record(sums, grad_norm, lr, len(batches)), fwd_bwd_s=runner.fwd_bwd_s, first_loss=first)
+            record["spike"] = spike + ("; re-run: the same loss again (deterministic: the data or the model)"
+                                       if record["loss"] == first else
+                                       f"; re-run: loss {record['loss']:.4f} this time (transient: a hardware fault "
+                                       "or non-determinism); the step goes on with the re-run")
+    overflow = scaler is not None and not math.isfinite(grad_norm) and trouble != "nonfinite"
+    skipped = overflow or trouble == "nonfinite"
     if not skipped:
         optimizer.step()
         if owners is not None:
             owners.broadcast()
     if scaler:
         scaler.update(overflow=skipped)
-    sums = _mean_over_dp(torch.cat([sums, tokens_per_expert]), topo)
-    lm, aux, z = (sums[:3] / len(batches)).tolist()
-    record = dict(loss=lm + aux + z, lm_loss=lm, aux_loss=aux, z_loss=z, lr=lr, grad_norm=grad_norm)
-    if scaler:
-        record.update(loss_scale=runner.loss_scale, skipped_step=int(skipped))
-    if sums[4] > 0:
-        load = sums[5:]
-        record["fraction_dropped"] = float(sums[3] / sums[4])
-        record["expert_load_max_over_mean"] = float(load.max() / load.mean().clamp(min=1e-9))
-        record["tokens_per_expert"] = [round(float(n), 2) for n in load]  # summed over MoE layers, mean over DP
+        record.update(loss_scale=runner.loss_scale)
+    if scaler or trouble == "nonfinite":
+        record["skipped_step"] = int(skipped)  # the LR schedule counts only the steps that updated
+    if trouble == "nonfinite":
+        record["nonfinite_step"] = 1
     return record
 
 
