@@ -3,6 +3,9 @@
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t        h: (batch, d_inner, d_state)
     y_t = <h_t, C_t> + D * u_t,   then   y_t * silu(z_t)
 
+With seq_idx (packed documents) the decay into a step where the document index changes is zero, in the forward
+scan, the recomputed states and the adjoint alike: the state restarts and no gradient crosses the boundary.
+
 Forward: a program owns (one batch row, BLOCK_D channels, all of d_state padded to BLOCK_N) and walks the
 sequence in blocks of BLOCK_L: the block's recurrence is a `tl.associative_scan` over time, the state crosses
 blocks in registers, and the state entering every chunk of CHUNK_L steps is saved for backward.
@@ -66,12 +69,22 @@ def _load_channels(ptr, offs_d, mask_d, PRESENT: tl.constexpr, BLOCK_D: tl.const
 
 
 @triton.jit
+def _cut_decay(a, seq_ptrs, t, mask_t, HAS_SEQ: tl.constexpr):
+    """a (BLOCK_D, BLOCK_N, steps) with the decay into every step that starts a new document set to zero."""
+    if HAS_SEQ:
+        sid = tl.load(seq_ptrs + t, mask=mask_t, other=0)
+        prev = tl.load(seq_ptrs + t - 1, mask=mask_t & (t > 0), other=0)
+        a = tl.where(((sid != prev) & (t > 0))[None, None, :], 0.0, a)
+    return a
+
+
+@triton.jit
 def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr, last_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, y_ptr, states_ptr, last_ptr,
     d_inner, d_state, seqlen, n_chunks,
-    s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_y_b, s_y_d, s_B_b, s_B_n, s_C_b, s_C_n,
+    s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_y_b, s_y_d, s_B_b, s_B_n, s_C_b, s_C_n, s_seq_b,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
+    HAS_SEQ: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
     CHUNK_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
@@ -108,7 +121,7 @@ def _scan_fwd_kernel(
         Bt = tl.load(B_ptrs + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
         Ct = tl.load(C_ptrs + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
         # (BLOCK_D, BLOCK_N, BLOCK_L): per-step decay and input, scanned over time
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        a = _cut_decay(tl.exp2(dt[:, None, :] * A2[:, :, None]), seq_ptr + pid_b * s_seq_b, t, mask_t, HAS_SEQ)
         x = (dt * u)[:, None, :] * Bt[None, :, :]
         a_cum, x_cum = tl.associative_scan((a, x), axis=2, combine_fn=_compose)
         hs = a_cum * h[:, :, None] + x_cum
@@ -127,12 +140,12 @@ def _scan_fwd_kernel(
 
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, dlast_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, dout_ptr, states_ptr, dlast_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, acc_ptr,
     d_inner, d_state, seqlen, n_chunks,
-    s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_do_b, s_do_d, s_B_b, s_B_n, s_C_b, s_C_n,
+    s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_do_b, s_do_d, s_B_b, s_B_n, s_C_b, s_C_n, s_seq_b,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DLAST: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, GROUP_D: tl.constexpr,
+    HAS_SEQ: tl.constexpr, HAS_DLAST: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_L: tl.constexpr, GROUP_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # du, ddelta, dz: like u (contiguous); dB, dC: (n_groups, batch, d_state, seqlen) fp32 partials;
@@ -183,7 +196,8 @@ def _scan_bwd_kernel(
             dout = tl.load(dout_ptr + pid_b * s_do_b + offs_d[:, None] * s_do_d + t[None, :],
                            mask=m2, other=0.0).to(tl.float32)
             # recompute the chunk's states from the saved entry state
-            a = tl.exp2(dt[:, None, :] * (A * LOG2E)[:, :, None])
+            a = _cut_decay(tl.exp2(dt[:, None, :] * (A * LOG2E)[:, :, None]), seq_ptr + pid_b * s_seq_b, t, mask_t,
+                           HAS_SEQ)
             x = (dt * u)[:, None, :] * Bt[None, :, :]
             a_cum, x_cum = tl.associative_scan((a, x), axis=2, combine_fn=_compose)
             h = a_cum * h0[:, :, None] + x_cum
@@ -263,18 +277,21 @@ def _group_d(batch: int, d_inner: int, device: torch.device) -> int:
     return min(max(next_pow2(per_program), 8), 256)
 
 
-def _check(u, delta, A, B, C, D, z, delta_bias) -> None:
+def _check(u, delta, A, B, C, D, z, delta_bias, seq_idx=None) -> None:
     if u.dim() != 3:
         raise ValueError(f"selective_scan_triton: u must be (batch, d_inner, L), got shape {tuple(u.shape)}")
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[-1]
     expected = {"delta": (delta, (batch, d_inner, seqlen)), "A": (A, (d_inner, d_state)),
                 "B": (B, (batch, d_state, seqlen)), "C": (C, (batch, d_state, seqlen)),
-                "D": (D, (d_inner,)), "z": (z, (batch, d_inner, seqlen)), "delta_bias": (delta_bias, (d_inner,))}
+                "D": (D, (d_inner,)), "z": (z, (batch, d_inner, seqlen)), "delta_bias": (delta_bias, (d_inner,)),
+                "seq_idx": (seq_idx, (batch, seqlen))}
     for name, (t, shape) in expected.items():
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"selective_scan_triton: {name} must have shape {shape} (batch, d_inner, L = "
                              f"{batch}, {d_inner}, {seqlen}; d_state = {d_state}), got {tuple(t.shape)}")
+    if seq_idx is not None and seq_idx.dtype != torch.int32:  # its order is checked by megamoe.ops.selective_scan
+        raise ValueError(f"selective_scan_triton: seq_idx must be int32, got {seq_idx.dtype}")
     if d_state > MAX_D_STATE:
         raise ValueError(f"selective_scan_triton: d_state={d_state} > {MAX_D_STATE}: the state is kept in "
                          "registers; use a smaller d_state or megamoe.ops.selective_scan_ref")
@@ -287,7 +304,7 @@ def _last_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, save_last, chunk_len):
+def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, save_last, chunk_len, seq_idx=None):
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     block_n = max(next_pow2(d_state), 2)
@@ -298,13 +315,15 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, save_last, 
               if save_states else None)
     last = torch.empty(batch, d_inner, d_state, device=u.device, dtype=torch.float32) if save_last else None
     zz = z if z is not None else u
+    seq = seq_idx if seq_idx is not None else dummy
     args = (u, delta, A, B, C, D if D is not None else dummy, zz, delta_bias if delta_bias is not None else dummy,
-            y, states if save_states else dummy, last if save_last else dummy,
+            seq, y, states if save_states else dummy, last if save_last else dummy,
             d_inner, d_state, seqlen, n_chunks,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
-            y.stride(0), y.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1))
+            y.stride(0), y.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1), seq.stride(0))
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-                 SAVE_STATES=save_states, SAVE_LAST=save_last, CHUNK_L=chunk_len, BLOCK_N=block_n)
+                 HAS_SEQ=seq_idx is not None, SAVE_STATES=save_states, SAVE_LAST=save_last, CHUNK_L=chunk_len,
+                 BLOCK_N=block_n)
     if interpreting(_scan_fwd_kernel):
         block_d = min(4, next_pow2(d_inner))
         block_l = max(chunk_len // 2, 1)  # two blocks per chunk exercise the save-on-chunk-start path
@@ -317,7 +336,8 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, save_last, 
     return y, states, last
 
 
-def _bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states, softplus, chunk_len, group_d=None):
+def _bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states, softplus, chunk_len, group_d=None,
+         seq_idx=None):
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     block_n = max(next_pow2(d_state), 2)
@@ -337,14 +357,16 @@ def _bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states, softplus, chu
         acc.fill_(float("nan"))  # poison: the tests then prove the kernel initialises it
     dummy = torch.empty(1, **f32)
     zz = z if z is not None else u
+    seq = seq_idx if seq_idx is not None else dummy
     args = (u, delta, A, B, C, D if D is not None else dummy, zz, delta_bias if delta_bias is not None else dummy,
-            dout, states, dlast if dlast is not None else dummy,
+            seq, dout, states, dlast if dlast is not None else dummy,
             du, ddelta, dz if dz is not None else dummy, dB_part, dC_part, acc,
             d_inner, d_state, seqlen, n_chunks,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
-            dout.stride(0), dout.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1))
+            dout.stride(0), dout.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1), seq.stride(0))
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-                 HAS_DLAST=dlast is not None, BLOCK_N=block_n, CHUNK_L=chunk_len, GROUP_D=group_d)
+                 HAS_SEQ=seq_idx is not None, HAS_DLAST=dlast is not None, BLOCK_N=block_n, CHUNK_L=chunk_len,
+                 GROUP_D=group_d)
     grid = (batch, n_groups)
     if interpret:
         _scan_bwd_kernel[grid](*args, **flags, **FP_FUSION, BLOCK_D=min(2, group_d))
@@ -362,38 +384,42 @@ class SelectiveScanFn(torch.autograd.Function):
     """Autograd wrapper: forward saves the chunk-entry states, backward recomputes from them."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len, save):
-        u, delta, B, C, z = map(_last_contiguous, (u, delta, B, C, z))
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len, save,
+                seq_idx):
+        u, delta, B, C, z, seq_idx = map(_last_contiguous, (u, delta, B, C, z, seq_idx))
         A = A.contiguous()
         D = D.contiguous() if D is not None else None
         delta_bias = delta_bias.contiguous() if delta_bias is not None else None
         y, states, last = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save, return_last_state,
-                               chunk_len)
+                               chunk_len, seq_idx)
         if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, seq_idx)
             ctx.softplus, ctx.chunk_len = delta_softplus, chunk_len
         return (y, last) if return_last_state else y
 
     @staticmethod
     def backward(ctx, dout, dlast=None):
-        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, states, seq_idx = ctx.saved_tensors
         dout = _last_contiguous(dout)
         dlast = dlast.float().contiguous() if dlast is not None else None
-        grads = _bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states, ctx.softplus, ctx.chunk_len)
-        return (*grads, None, None, None, None)
+        grads = _bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states, ctx.softplus, ctx.chunk_len,
+                     seq_idx=seq_idx)
+        return (*grads, None, None, None, None, None)
 
 
 def selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                           C: torch.Tensor, D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                           delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
-                          return_last_state: bool = False, *, chunk_len: Optional[int] = None):
+                          return_last_state: bool = False, *, chunk_len: Optional[int] = None,
+                          seq_idx: Optional[torch.Tensor] = None):
     """mamba_ssm's selective_scan_fn on Triton. u, delta, z: (batch, d_inner, L); A: (d_inner, d_state);
-    B, C: (batch, d_state, L); D, delta_bias: (d_inner,). Returns y (batch, d_inner, L) in u's dtype
-    [and the last state (batch, d_inner, d_state) in float32]; differentiable in every tensor input.
+    B, C: (batch, d_state, L); D, delta_bias: (d_inner,); seq_idx: (batch, L) int32 document index (the state
+    restarts where it changes). Returns y (batch, d_inner, L) in u's dtype [and the last state
+    (batch, d_inner, d_state) in float32]; differentiable in every tensor input.
     `chunk_len` (a power of two, default `default_chunk_len(d_state)`) spaces the states saved for backward."""
-    _check(u, delta, A, B, C, D, z, delta_bias)
+    _check(u, delta, A, B, C, D, z, delta_bias, seq_idx)
     chunk_len = default_chunk_len(A.shape[1]) if chunk_len is None else chunk_len
-    check_device(_scan_fwd_kernel, "selective_scan_triton", u, delta, A, B, C, D, z, delta_bias)
+    check_device(_scan_fwd_kernel, "selective_scan_triton", u, delta, A, B, C, D, z, delta_bias, seq_idx)
     if chunk_len < 1 or chunk_len & (chunk_len - 1):
         raise ValueError(f"selective_scan_triton: chunk_len must be a power of two, got {chunk_len}")
     # save the chunk states only when a backward can follow (inside forward, grad mode is always off)
@@ -401,4 +427,4 @@ def selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
                                            for t in (u, delta, A, B, C, D, z, delta_bias))
     with on_device(u.device):
         return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                     bool(return_last_state), int(chunk_len), save)
+                                     bool(return_last_state), int(chunk_len), save, seq_idx)

@@ -11,6 +11,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALLEST = {  # bench: (arguments, what its output must show)
     "bench_checkpoint": (["--quick", "--repeats", "1", "--steps", "2"], r"async / sync stall: \d+\.\d+x"),
+    "bench_packed": (["--quick"], r"\| causal_conv1d \| \d+\.\d+ \| \d+\.\d+ \| \d+\.\d+x \|"),
     "bench_experts": (["--quick", "--reps", "1"], r"\| loop / grouped \|.*\n(.*\n)*\| 8 \| 512 .* \d+\.\d+x \|"),
     "bench_recompute": (["--quick", "--steps", "1"], r"recompute / none: kept memory \d+\.\d+x, step time \d+\.\d+x"),
     "bench_scan": (["--quick", "--min-time", "0.1", "--repeats", "1"], r"within tolerance"),

@@ -48,6 +48,10 @@ class DataConfig:
     num_workers: int = option(0, "DataLoader worker processes")
     cache_path: Optional[str] = option(None, "dataset index cache; None: <data dir>/index_cache (or a temp dir)")
     mock: bool = option(False, "random tokens, no files (for benchmarks and tests)")
+    reset_position_ids: bool = option(False, "RoPE positions restart in every packed document")
+    reset_attention_mask: bool = option(False, "packed documents do not see each other: attention is block-diagonal "
+                                               "causal and Mamba's conv and scan restart at every document")
+    eod_mask_loss: bool = option(False, "no loss on the token after an EOD (the next document's first)")
 
     def prefixes(self) -> list:
         """The dataset prefixes in data_path, without the blend weights."""

@@ -17,6 +17,7 @@ that folder must be on a filesystem every rank sees (as in Megatron-LM).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megamoe.config import parse_data_path
 from megamoe.data.indexed import check_indexed_dataset, check_tokenizer_matches
+from megamoe.data.packing import add_document_fields
 from megamoe.data.tokenizer import load_tokenizer
 from megamoe.errors import DataError
 from megamoe.logging import get_logger
@@ -127,6 +129,9 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
     return train, valid
 
 
+MOCK_EOD = 3
+
+
 class RandomTokenDataset:
     """data.mock: samples of seq_length + 1 uniformly random tokens, a fixed function of (seed, split, index)."""
 
@@ -166,11 +171,13 @@ class MicroBatchSampler:
         return max(0, (self.total - self.consumed) // self.gbs) * (self.gbs // (self.mbs * self.dp))
 
 
-def collate(samples: list) -> dict:
-    """Stack samples into a micro-batch: tokens, labels (int64) and loss_mask (float32), each (mbs, L)."""
-    return {"tokens": torch.stack([s["tokens"] for s in samples]).long(),
-            "labels": torch.stack([s["labels"] for s in samples]).long(),
-            "loss_mask": torch.stack([s["loss_mask"] for s in samples]).float()}
+def collate(samples: list, documents: Optional[dict] = None) -> dict:
+    """Stack samples into a micro-batch: tokens, labels (int64) and loss_mask (float32), each (mbs, L); with
+    `documents` (add_document_fields' arguments), the packed-document fields the data flags ask for."""
+    batch = {"tokens": torch.stack([s["tokens"] for s in samples]).long(),
+             "labels": torch.stack([s["labels"] for s in samples]).long(),
+             "loss_mask": torch.stack([s["loss_mask"] for s in samples]).float()}
+    return add_document_fields(batch, **documents) if documents else batch
 
 
 def _ignore_sigterm(worker_id: int) -> None:
@@ -206,10 +213,16 @@ def build_data_iterators(cfg, dp_rank: int, dp_size: int, consumed_train_samples
         train, valid = build_gpt_datasets(d.data_path, d.split, d.seq_length, t.seed, tokenizer, num_train,
                                           num_valid, cache_path or getattr(d, "cache_path", None))
     sampler = MicroBatchSampler(num_train, consumed_train_samples, mbs, gbs, dp_rank, dp_size)
+    documents = None
+    if d.reset_position_ids or d.reset_attention_mask or d.eod_mask_loss:
+        # mock data numbers EOD 3, as megamoe's tokenizers do (tools/train_tokenizer.py)
+        documents = dict(eod=tokenizer.eod if not d.mock else MOCK_EOD, reset_position_ids=d.reset_position_ids,
+                         reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss)
+    batch_of = functools.partial(collate, documents=documents)
     # With --exit-signal-handler the main process stops the run on SIGTERM; Slurm sends it to every process of
     # the job, and a worker that died of it would fail the run (DataLoader's SIGCHLD check) before the save.
     ignore_sigterm = t.exit_signal_handler and d.num_workers > 0
-    loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, collate_fn=collate,
+    loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, collate_fn=batch_of,
                                          num_workers=d.num_workers, pin_memory=pin_memory,
                                          worker_init_fn=_ignore_sigterm if ignore_sigterm else None)
     log.info(f"data: {num_train} train samples of {d.seq_length + 1} tokens"
@@ -220,7 +233,7 @@ def build_data_iterators(cfg, dp_rank: int, dp_size: int, consumed_train_samples
         return iter(loader), None
 
     def valid_batches() -> list:
-        return [collate([valid[i] for i in idx])
+        return [batch_of([valid[i] for i in idx])
                 for idx in MicroBatchSampler(num_valid, 0, mbs, gbs, dp_rank, dp_size)]
 
     return iter(loader), valid_batches

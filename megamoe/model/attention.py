@@ -9,11 +9,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def rope_tables(length: int, head_dim: int, base: float, device=None) -> tuple:
-    """cos, sin of shape (L, head_dim / 2) for rotary position embeddings."""
+def rope_tables(length: int, head_dim: int, base: float, device=None,
+                positions: Optional[torch.Tensor] = None) -> tuple:
+    """cos, sin of shape (L, head_dim / 2) for rotary position embeddings; with `positions` (batch, L), the
+    positions of each token (packed documents each start at 0), (batch, 1, L, head_dim / 2)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if positions is not None:
+        angles = positions.to(torch.float32)[:, None, :, None] * inv_freq
+        return angles.cos(), angles.sin()
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
+
+
+def document_mask(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, L, L) bool: causal within each packed document, nothing across them (block-diagonal)."""
+    length = seq_idx.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=seq_idx.device).tril()
+    return (causal & (seq_idx[:, :, None] == seq_idx[:, None, :]))[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -59,13 +71,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, seq_idx: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): packed documents attend only within
+        themselves; position_ids (batch, L): RoPE positions (default 0 .. L - 1)."""
         batch, length, _ = h.shape
         q, k, v = self.qkv(h).chunk(3, dim=-1)  # under TP each holds this rank's heads
         q, k, v = (t.reshape(batch, length, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        cos, sin = rope_tables(length, self.head_dim, self.rope_base, h.device)
+        cos, sin = rope_tables(length, self.head_dim, self.rope_base, h.device, position_ids)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if seq_idx is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(seq_idx))
         return self.out_proj(y.transpose(1, 2).reshape(batch, length, -1))
 
     def forward_cached(self, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:

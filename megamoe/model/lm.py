@@ -25,6 +25,7 @@ from megamoe.config import ModelConfig, block_kinds
 from megamoe.model.attention import Attention, FeedForward
 from megamoe.model.mamba import MambaMixer
 from megamoe.model.moe import SwitchMoE
+from megamoe.ops.seq_idx import check_seq_idx
 
 
 class RMSNorm(nn.Module):
@@ -83,16 +84,23 @@ class Block(nn.Module):
     def sublayers(self) -> list:
         return [getattr(self, name) for name in ("mixer", "moe", "attention", "ffn") if hasattr(self, name)]
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, seq_idx: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h (batch, L, d_model); seq_idx, position_ids (batch, L): packed documents (see megamoe.data.packing)."""
         if self.recompute and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, h, use_reentrant=False)
-        return self._forward(h)
+            return torch.utils.checkpoint.checkpoint(self._forward, h, seq_idx, position_ids, use_reentrant=False)
+        return self._forward(h, seq_idx, position_ids)
 
-    def _forward(self, h: torch.Tensor) -> torch.Tensor:
+    def _forward(self, h: torch.Tensor, seq_idx=None, position_ids=None) -> torch.Tensor:
         x = self.norm(h)
         out = h
         for sublayer in self.sublayers():
-            out = out + sublayer(x)
+            if sublayer is getattr(self, "mixer", None):
+                out = out + sublayer(x, seq_idx=seq_idx)
+            elif sublayer is getattr(self, "attention", None):
+                out = out + sublayer(x, seq_idx=seq_idx, position_ids=position_ids)
+            else:  # MoE and FFN work token by token: documents do not concern them
+                out = out + sublayer(x)
         return out
 
     def forward_cached(self, h: torch.Tensor, state, start: int) -> torch.Tensor:
@@ -216,23 +224,28 @@ class MambaLM(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embedding(tokens)
 
-    def run_layers(self, h: torch.Tensor) -> torch.Tensor:
+    def run_layers(self, h: torch.Tensor, seq_idx=None, position_ids=None) -> torch.Tensor:
         for block in self.layers.values():
-            h = block(h)
+            h = block(h, seq_idx, position_ids)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm_f(h))
 
-    def stage_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def stage_forward(self, x: torch.Tensor, seq_idx=None, position_ids=None) -> torch.Tensor:
         """tokens or hidden states in; hidden states or logits out (what a pipeline stage computes)."""
         h = self.embed(x) if self.pre_process else x
-        h = self.run_layers(h)
+        h = self.run_layers(h, seq_idx, position_ids)
         return self.head(h) if self.post_process else h
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                loss_mask: Optional[torch.Tensor] = None) -> LMOutput:
-        logits = self.stage_forward(tokens)
+                loss_mask: Optional[torch.Tensor] = None, seq_idx: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> LMOutput:
+        """tokens (batch, L); seq_idx (batch, L) int32: the packed document of each token (Mamba's conv and scan
+        restart and attention stays within each); position_ids (batch, L): RoPE positions."""
+        if seq_idx is not None:  # once per forward, here: the ops skip the order check on a GPU
+            check_seq_idx(seq_idx, tokens.shape[0], tokens.shape[1], "MambaLM")
+        logits = self.stage_forward(tokens, seq_idx, position_ids)
         aux, z, stats = moe_summary(self.moe_layers())
         lm_loss = loss = None
         if labels is not None:

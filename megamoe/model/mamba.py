@@ -72,9 +72,9 @@ class MambaMixer(nn.Module):
             return self.in_proj(h).chunk(2, dim=-1)
         return self.conv_proj(h), self.gate_proj(h)
 
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv(self, x: torch.Tensor, seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """silu(causal depthwise conv1d(x)); x (batch, d_inner, L)."""
-        return causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, activation="silu")
+        return causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)
 
     def _ssm_inputs(self, x: torch.Tensor):
         """x (batch, L, d_inner) after conv -> dt (batch, d_inner, L) before bias, B, C (batch, d_state, L)."""
@@ -82,20 +82,22 @@ class MambaMixer(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight)  # the bias is added inside the scan, in fp32
         return dt.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)
 
-    def forward(self, h: torch.Tensor, cache: Optional[tuple] = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: Optional[tuple] = None,
+                seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(batch, L, d_model) -> (batch, L, d_model). With `cache` (allocate_inference_cache), also leaves the
-        conv and SSM states of the last token there, for `step` to go on from (prefill)."""
+        conv and SSM states of the last token there, for `step` to go on from (prefill). seq_idx (batch, L) int32:
+        packed documents; the conv and the scan restart at each."""
         x, z = self._in_projections(h)
         x = x.transpose(1, 2)  # (batch, d_inner, L)
         if cache is not None:
             keep = min(self.d_conv, x.shape[-1])
             cache[0].zero_()
             cache[0][..., -keep:] = x[..., -keep:]
-        x = self._conv(x)
+        x = self._conv(x, seq_idx)
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         out = selective_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z.transpose(1, 2),
                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                             return_last_state=cache is not None)
+                             return_last_state=cache is not None, seq_idx=seq_idx)
         if cache is not None:
             out, last = out
             cache[1].copy_(last)

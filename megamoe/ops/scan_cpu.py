@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from megamoe.ops.seq_idx import check_seq_idx, document_starts
+
 # A chunk buffer holds T * batch * d_state * d_inner elements. 32 steps of (4, 16, 512) is 4 MiB: the buffers
 # stay in L3, and the per-chunk ops are large enough that their call overhead does not matter.
 _CHUNK_ELEMENTS = 1 << 20
@@ -70,15 +72,35 @@ def _small_time_major(x: torch.Tensor, s: int, e: int, out: torch.Tensor) -> tor
     return out[:e - s].copy_(x[:, :, s:e].permute(2, 0, 1))
 
 
+class _Resets:
+    """The steps where the state restarts (a packed row's next document, from seq_idx), found once per call and
+    handed out per chunk as (step within the chunk, batch row) index pairs. Documents are long against a chunk,
+    so most chunks have none and pay nothing."""
+
+    def __init__(self, seq_idx: Optional[torch.Tensor]):
+        self.t = self.b = None
+        if seq_idx is not None:
+            self.t, self.b = document_starts(seq_idx).t().nonzero(as_tuple=True)  # sorted by step
+
+    def chunk(self, s: int, e: int):
+        if self.t is None or self.t.numel() == 0:
+            return None
+        lo, hi = torch.searchsorted(self.t, torch.tensor([s, e])).tolist()
+        return (self.t[lo:hi] - s, self.b[lo:hi]) if hi > lo else None
+
+
 def _chunk_states(dA: torch.Tensor, H: torch.Tensor, dA_steps, H_steps, delta_c: torch.Tensor,
-                  deltau_c: torch.Tensor, A2t: torch.Tensor, B_c: torch.Tensor) -> None:
+                  deltau_c: torch.Tensor, A2t: torch.Tensor, B_c: torch.Tensor, resets=None) -> None:
     """dA[:T] <- exp(delta * A); H[1:T+1] <- the chunk's states, given the state entering it in H[0].
     dA_steps, H_steps: dA.unbind(0), H.unbind(0), made once per call (indexing per step costs a quarter of
     the step). delta_c, deltau_c: (T, batch, d_inner); A2t: log2(e) * A^T (d_state, d_inner);
-    B_c: (T, batch, d_state)."""
+    B_c: (T, batch, d_state); resets: (steps, rows) of the chunk where a new document starts: the decay into them
+    is cut to zero, forward and backward alike."""
     T = delta_c.shape[0]
     # exp2 with A pre-scaled by log2(e): the same value, and ATen's exp2 is ~2.5x faster than its exp
     torch.exp2(torch.mul(delta_c.unsqueeze(2), A2t, out=dA[:T]), out=dA[:T])
+    if resets is not None:
+        dA[resets] = 0.0
     torch.mul(deltau_c.unsqueeze(2), B_c.unsqueeze(3), out=H[1:T + 1])  # delta * u * B, then scanned in place
     for t in range(T):
         H_steps[t + 1].addcmul_(dA_steps[t], H_steps[t])
@@ -90,7 +112,7 @@ class _SelectiveScanCore(torch.autograd.Function):
     and time-major copies of delta and u (transposing is a large part of the cost, so it is done once)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, chunk_size, save_for_backward):
+    def forward(ctx, u, delta, A, B, C, chunk_size, save_for_backward, resets):
         batch, d_inner, length = u.shape
         d_state = A.shape[1]
         T = _chunk_len(batch, d_inner, d_state, length, chunk_size)
@@ -112,7 +134,7 @@ class _SelectiveScanCore(torch.autograd.Function):
             states[k].copy_(H[0])
             dl = chunker.load(delta, s, e, delta_tm[o:o + n])
             dlu = torch.mul(dl, chunker.load(u, s, e, u_tm[o:o + n]), out=deltau_c[:n])
-            _chunk_states(dA, H, dA_steps, H_steps, dl, dlu, A2t, _small_time_major(B, s, e, B_c))
+            _chunk_states(dA, H, dA_steps, H_steps, dl, dlu, A2t, _small_time_major(B, s, e, B_c), resets.chunk(s, e))
             # y_t = C_t^T h_t: (n * batch) products (1, d_state) @ (d_state, d_inner)
             torch.matmul(_small_time_major(C, s, e, C_c).view(n * batch, 1, d_state),
                          H[1:n + 1].view(n * batch, d_state, d_inner), out=y_c[:n].view(n * batch, 1, d_inner))
@@ -121,7 +143,7 @@ class _SelectiveScanCore(torch.autograd.Function):
         last_state = H[0].transpose(1, 2).contiguous()  # (batch, d_inner, d_state)
         if save_for_backward:
             ctx.save_for_backward(delta_tm, u_tm, A, B, C, states)
-            ctx.chunk = T
+            ctx.chunk, ctx.resets = T, resets
         return y, last_state
 
     @staticmethod
@@ -162,7 +184,7 @@ class _SelectiveScanCore(torch.autograd.Function):
             dlu = torch.mul(dl, uc, out=deltau_c[:n])
             Bc, dyc = _small_time_major(B, s, e, B_c), chunker.load(dy, s, e, dy_c)
             H[0].copy_(states[k])
-            _chunk_states(dA, H, dA_steps, H_steps, dl, dlu, A2t, Bc)
+            _chunk_states(dA, H, dA_steps, H_steps, dl, dlu, A2t, Bc, ctx.resets.chunk(s, e))
             g, dA_k = G[:n], dA[:n]
             torch.mul(dyc.unsqueeze(2), _small_time_major(C, s, e, C_c).unsqueeze(3), out=g)  # C_t * dy_t
             g[n - 1].add_(carry)
@@ -192,7 +214,7 @@ class _SelectiveScanCore(torch.autograd.Function):
             return x.permute(1, 2, 0).contiguous() if x is not None else None
 
         dA_param = dA_acc.view(T * batch, d_state, d_inner).sum(0).t().contiguous() if need_A else None
-        return du, ddelta, dA_param, grad_BC(dB), grad_BC(dC), None, None
+        return du, ddelta, dA_param, grad_BC(dB), grad_BC(dC), None, None, None
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias):
@@ -217,12 +239,16 @@ def _check(u, delta, A, B, C, D, z, delta_bias):
 def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                        D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                        delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
-                       return_last_state: bool = False, chunk_size: Optional[int] = None):
+                       return_last_state: bool = False, seq_idx: Optional[torch.Tensor] = None,
+                       chunk_size: Optional[int] = None):
     """mamba_ssm's selective_scan_fn on CPU. u, delta, z: (batch, d_inner, L); A: (d_inner, d_state);
-    B, C: (batch, d_state, L); D, delta_bias: (d_inner,). Returns y (batch, d_inner, L) in u's dtype
-    [and the last state (batch, d_inner, d_state), float32]. Computes in float32 (float64 for float64 inputs);
-    differentiable in every tensor input. chunk_size: time steps per chunk (default: from the shapes, <= 64)."""
+    B, C: (batch, d_state, L); D, delta_bias: (d_inner,); seq_idx: (batch, L) int32, the state restarts where it
+    changes. Returns y (batch, d_inner, L) in u's dtype [and the last state (batch, d_inner, d_state),
+    float32]. Computes in float32 (float64 for float64 inputs); differentiable in every tensor input.
+    chunk_size: time steps per chunk (default: from the shapes, <= 64)."""
     _check(u, delta, A, B, C, D, z, delta_bias)
+    if seq_idx is not None:
+        check_seq_idx(seq_idx, u.shape[0], u.shape[2], "selective_scan")
     dtype_in = u.dtype
     compute = torch.float64 if dtype_in == torch.float64 else torch.float32
     u_c, delta_c = u.to(compute), delta.to(compute)
@@ -232,7 +258,8 @@ def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
         delta_c = F.softplus(delta_c)
     A_c, B_c, C_c = A.to(compute), B.to(compute), C.to(compute)
     backward_follows = torch.is_grad_enabled() and any(x.requires_grad for x in (u_c, delta_c, A_c, B_c, C_c))
-    y, last_state = _SelectiveScanCore.apply(u_c, delta_c, A_c, B_c, C_c, chunk_size, backward_follows)
+    y, last_state = _SelectiveScanCore.apply(u_c, delta_c, A_c, B_c, C_c, chunk_size, backward_follows,
+                                             _Resets(seq_idx))
     if D is not None:
         y = y + u_c * D.to(compute)[None, :, None]
     if z is not None:

@@ -14,6 +14,8 @@ megatron-core's schedules allocate on CUDA (PLATFORM.md), so the schedules are t
 """
 from __future__ import annotations
 
+import collections
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -64,6 +66,10 @@ def stage_blocks(cfg: Config) -> list:
     return _balanced_split(block_costs(cfg.model), pp * virtual, head)
 
 
+def _on(t, device):
+    return t.to(device) if t is not None else None
+
+
 class PipelineChunk(nn.Module):
     """One pipeline stage's view of this rank's MambaLM: its blocks (registered here too, shared), plus the
     embedding on the first stage and the final norm + head on the last."""
@@ -77,11 +83,15 @@ class PipelineChunk(nn.Module):
         if last:
             self.norm_f, self.lm_head = lm.norm_f, lm.lm_head
         self.moe_totals = MoETotals(lm.cfg.num_experts)  # this chunk's MoE layers over a step's micro-batches
+        # (seq_idx, position_ids) of the micro-batches to come, in order: every stage reads them from its own copy
+        # of the data, so they never ride the activations sent between stages
+        self.documents = collections.deque()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq_idx, position_ids = self.documents.popleft() if self.documents else (None, None)
         h = self.embedding(x) if self.first else x
         for block in self.blocks:
-            h = block(h)
+            h = block(h, seq_idx, position_ids)
         if self.training:
             self.moe_totals.add(*moe_summary([m for b in self.blocks for m in b.modules() if isinstance(m, SwitchMoE)]))
         return self.lm_head(self.norm_f(h)).float() if self.last else h
@@ -139,6 +149,9 @@ class Pipeline:
         tokens = torch.cat([b["tokens"] for b in batches]).to(device)
         target = torch.cat([torch.stack([b["labels"], b["loss_mask"].long()], 1) for b in batches]).to(device)
         first, last = self.topo.is_first_stage, self.topo.is_last_stage
+        for chunk in self.chunks:  # every schedule runs a stage's micro-batches in order
+            chunk.documents = collections.deque(
+                (_on(b.get("seq_idx"), device), _on(b.get("position_ids"), device)) for b in batches)
         args = (tokens,) if first else ()
         run = self.schedule.step if train else self.schedule.eval
         run(*args, target=target if last else None)

@@ -46,7 +46,8 @@ class MicroBatches:
 
     def _forward(self, batch):
         batch = {k: v.to(self.topo.device, non_blocking=True) for k, v in batch.items()}  # from pinned memory
-        return self.model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+        return self.model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"],
+                          seq_idx=batch.get("seq_idx"), position_ids=batch.get("position_ids"))
 
     def forward_backward(self, batches: list) -> tuple:
         """Sums over micro-batches of [lm loss, aux loss, z loss, dropped, assignments], tokens per expert."""

@@ -21,6 +21,9 @@ SCAN_CASES = {
                                delta_bias=False, softplus=False, last_state=False),
     "bf16": dict(batch=1, d_inner=4, d_state=16, seqlen=17, chunk_len=8, dtype=torch.bfloat16),
     "strided_views": dict(batch=2, d_inner=4, d_state=8, seqlen=11, chunk_len=4, strided=True),
+    # packed documents: a start at a chunk edge (8), two in a row (9, 10), one right after the first step, none
+    "packed_documents": dict(batch=3, d_inner=3, d_state=12, seqlen=19, chunk_len=8,
+                             docs=[[8, 1, 1, 9], [1, 18], [19]]),
 }
 STATE_UPDATE_CASES = {
     "d_state12": dict(batch=2, d_inner=5, d_state=12),
@@ -31,7 +34,15 @@ CONV_CASES = {
     "silu_bias": dict(batch=2, d_inner=5, seqlen=21, width=4),
     "shorter_than_width": dict(batch=1, d_inner=3, seqlen=2, width=4, silu=False, bias=False),
     "bf16_three_tiles": dict(batch=2, d_inner=6, seqlen=37, width=3, dtype=torch.bfloat16),
+    # a document shorter than the width, two starts in a row, one at a tile edge (16), none
+    "packed_documents": dict(batch=3, d_inner=5, seqlen=37, width=4, docs=[[2, 1, 13, 21], [16, 21], [37]]),
 }
+
+
+def seq_idx_of(docs, device) -> torch.Tensor:
+    """seq_idx (batch, L) int32 of rows packed from documents of these lengths."""
+    rows = [torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)) for lens in docs]
+    return torch.stack(rows).to(device=device, dtype=torch.int32)
 
 
 def assert_near(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
@@ -47,8 +58,9 @@ def _leaves(tensors, device):
 
 
 def check_scan(device, batch, d_inner, d_state, seqlen, chunk_len, dtype=torch.float32, D=True, z=True,
-               delta_bias=True, softplus=True, last_state=True, strided=False) -> None:
-    """Values and gradients of every input of selective_scan_triton against selective_scan_ref."""
+               delta_bias=True, softplus=True, last_state=True, strided=False, docs=None) -> None:
+    """Values and gradients of every input of selective_scan_triton against selective_scan_ref (with seq_idx of
+    rows packed from documents of lengths `docs`)."""
     from megamoe.kernels.selective_scan import selective_scan_triton
     from megamoe.ops.selective_scan_ref import selective_scan_ref
 
@@ -69,11 +81,12 @@ def check_scan(device, batch, d_inner, d_state, seqlen, chunk_len, dtype=torch.f
         args[0], args[6] = xz[:, :d_inner], xz[:, d_inner:]
         args[1] = args[1].transpose(1, 2).contiguous().transpose(1, 2)
         assert not args[0].is_contiguous() and args[1].stride(-1) != 1
-    out = selective_scan_triton(*args, softplus, last_state, chunk_len=chunk_len)
-    ref = selective_scan_ref(*ref_in, delta_softplus=softplus, return_last_state=last_state)
+    seq = seq_idx_of(docs, device) if docs else None
+    out = selective_scan_triton(*args, softplus, last_state, chunk_len=chunk_len, seq_idx=seq)
+    ref = selective_scan_ref(*ref_in, delta_softplus=softplus, return_last_state=last_state, seq_idx=seq)
     out, ref = (out, ref) if last_state else ((out,), (ref,))
     with torch.no_grad():  # the inference path saves no states
-        inference = selective_scan_triton(*args, softplus, last_state, chunk_len=chunk_len)
+        inference = selective_scan_triton(*args, softplus, last_state, chunk_len=chunk_len, seq_idx=seq)
     for name, o, r in zip(("no_grad y", "no_grad last_state"), inference if last_state else (inference,), out):
         assert torch.equal(o, r.detach()), f"{name} differs from the training forward"
     assert out[0].dtype == dtype, f"y: dtype {out[0].dtype}, expected u's dtype {dtype}"
@@ -108,17 +121,24 @@ def check_state_update(device, batch, d_inner, d_state, dtype=torch.float32, str
     assert_near("state", state, ref_state, TOL[torch.float32])
 
 
-def check_conv(device, batch, d_inner, seqlen, width, dtype=torch.float32, silu=True, bias=True) -> None:
-    """causal_conv1d_triton against F.conv1d (padded, cut to L) + SiLU, values and gradients."""
+def check_conv(device, batch, d_inner, seqlen, width, dtype=torch.float32, silu=True, bias=True, docs=None) -> None:
+    """causal_conv1d_triton against F.conv1d (padded, cut to L) + SiLU, values and gradients; with `docs`, against
+    the CPU conv of megamoe.ops with seq_idx (itself held against each document run alone in tests/ops)."""
     from megamoe.kernels.causal_conv1d import causal_conv1d_triton
+    from megamoe.ops.causal_conv1d import causal_conv1d
 
     g = torch.Generator().manual_seed(batch * 100 + d_inner * 10 + seqlen)
     inputs = [torch.randn(batch, d_inner, seqlen, generator=g).to(dtype), torch.randn(d_inner, 1, width, generator=g),
               torch.randn(d_inner, generator=g) if bias else None]
     (x, w, b), (xr, wr, br) = _leaves(inputs, device), _leaves(inputs, device)
-    y = causal_conv1d_triton(x, w, b, "silu" if silu else None)
-    y_ref = F.conv1d(xr.float(), wr, br, padding=width - 1, groups=d_inner)[..., :seqlen]
-    y_ref = (F.silu(y_ref) if silu else y_ref).to(dtype)
+    seq = seq_idx_of(docs, device) if docs else None
+    y = causal_conv1d_triton(x, w, b, "silu" if silu else None, seq_idx=seq)
+    if seq is not None:
+        y_ref = causal_conv1d(xr.float().cpu(), wr.cpu(), br.cpu() if br is not None else None,
+                              "silu" if silu else None, seq.cpu()).to(device=device, dtype=dtype)
+    else:
+        y_ref = F.conv1d(xr.float(), wr, br, padding=width - 1, groups=d_inner)[..., :seqlen]
+        y_ref = (F.silu(y_ref) if silu else y_ref).to(dtype)
     assert_near("y", y, y_ref, TOL[dtype])
     dy = torch.randn(y.shape, generator=g).to(device=device, dtype=dtype)
     y.backward(dy)

@@ -12,17 +12,19 @@ from megamoe.kernels.launch import FP_FUSION, interpreting
 
 BF16 = ("u_ptr", "delta_ptr", "z_ptr", "y_ptr", "B_ptr", "C_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr",
         "x_ptr", "dt_ptr", "dy_ptr", "dx_ptr")
+INT32 = ("seq_ptr",)
 FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
+SCAN = dict(FLAGS, HAS_SEQ=True)  # packed documents: the decay cut at their starts
 KERNELS = {
-    "scan_fwd": (selective_scan._scan_fwd_kernel, dict(FLAGS, SAVE_STATES=True, SAVE_LAST=True, CHUNK_L=64,
+    "scan_fwd": (selective_scan._scan_fwd_kernel, dict(SCAN, SAVE_STATES=True, SAVE_LAST=True, CHUNK_L=64,
                                                         BLOCK_N=16, BLOCK_D=4, BLOCK_L=32), 4),
-    "scan_bwd": (selective_scan._scan_bwd_kernel, dict(FLAGS, HAS_DLAST=True, BLOCK_N=16, CHUNK_L=64, GROUP_D=8,
+    "scan_bwd": (selective_scan._scan_bwd_kernel, dict(SCAN, HAS_DLAST=True, BLOCK_N=16, CHUNK_L=64, GROUP_D=8,
                                                         BLOCK_D=2), 8),
     "state_update": (selective_state_update._state_update_kernel, dict(FLAGS, BLOCK_D=32, BLOCK_N=16), 4),
-    "conv_fwd": (causal_conv1d._conv_fwd_kernel, dict(HAS_BIAS=True, SILU=True, WIDTH=4, BLOCK_D=16,
+    "conv_fwd": (causal_conv1d._conv_fwd_kernel, dict(HAS_BIAS=True, SILU=True, WIDTH=4, HAS_SEQ=True, BLOCK_D=16,
                                                        BLOCK_L=128), 4),
-    "conv_bwd": (causal_conv1d._conv_bwd_kernel, dict(HAS_BIAS=True, SILU=True, WIDTH=4, WIDTH_P2=4, BLOCK_D=16,
-                                                       BLOCK_L=128), 4),
+    "conv_bwd": (causal_conv1d._conv_bwd_kernel, dict(HAS_BIAS=True, SILU=True, WIDTH=4, WIDTH_P2=4, HAS_SEQ=True,
+                                                       BLOCK_D=16, BLOCK_L=128), 4),
 }
 
 
@@ -36,8 +38,9 @@ def test_compiles_for_sm90(name):
         from triton.compiler import ASTSource
     except ImportError as e:  # a Triton build without the CUDA backend
         pytest.skip(f"no CUDA backend in this Triton: {e}")
-    signature = {name: "constexpr" if name in constexprs else ("*bf16" if name in BF16 else "*fp32")
-                 if name.endswith("_ptr") else "i32" for name in inspect.signature(kernel.fn).parameters}
+    signature = {name: "constexpr" if name in constexprs else (
+        "*bf16" if name in BF16 else "*i32" if name in INT32 else "*fp32") if name.endswith("_ptr") else "i32"
+        for name in inspect.signature(kernel.fn).parameters}
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **FP_FUSION})
     assert compiled.asm["cubin"], "no cubin produced"

@@ -139,9 +139,9 @@ def test_non_contiguous_inputs_and_gradient():
 def test_dispatcher_uses_cpu_scan(monkeypatch):
     calls = []
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append(len(args))
-        return selective_scan_cpu(*args)
+        return selective_scan_cpu(*args, **kwargs)
 
     monkeypatch.setattr(scan_cpu, "selective_scan_cpu", spy)
     inputs = _inputs(1, 4, 2, 6, seed=1)

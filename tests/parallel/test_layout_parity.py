@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megamoe.config import config_from_dict
+from megamoe.data.packing import add_document_fields
 from megamoe.parallel import destroy_distributed, init_distributed, set_seed
 from megamoe.parallel.distributed_optimizer import ParamOwners
 from megamoe.parallel.parallelize import build_parallel_model
@@ -15,13 +16,13 @@ from megamoe.testing import full_tensors, run_on_ranks
 from megamoe.training import evaluate, make_runner, train_step
 from megamoe.training.optimizer import build_optimizer
 
-STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB = 3, 4, 1, 16, 64
+STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, EOD = 3, 4, 1, 16, 64, 3
 
 
 def _config(layout: dict):
     """The test model in `layout`: parallel config keys (tensor_model_parallel_size, ...), plus zero (ZeRO-1),
     grouped (the experts' grouped GEMM, else their loop) and recompute (activation recompute method)."""
-    parallel = {k: v for k, v in layout.items() if k not in ("zero", "grouped", "recompute")}
+    parallel = {k: v for k, v in layout.items() if k not in ("zero", "grouped", "recompute", "packed")}
     recompute = layout["recompute"]
     return config_from_dict({
         "model": {"pattern": "MEMEAF", "d_model": 32, "d_state": 8, "num_experts": 4, "capacity_factor": 0.75,
@@ -35,10 +36,11 @@ def _config(layout: dict):
 
 
 def layout(tp=1, ep=1, pp=1, vpp=None, schedule="1f1b", sp=False, etp=None, zero=False, grouped=True,
-           recompute=None) -> dict:
+           recompute=None, packed=False) -> dict:
+    """packed: rows of several documents with --reset-position-ids --reset-attention-mask --eod-mask-loss."""
     return dict(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
                 virtual_pipeline_model_parallel_size=vpp, pipeline_schedule=schedule, sequence_parallel=sp,
-                expert_tensor_parallel_size=etp, zero=zero, grouped=grouped, recompute=recompute)
+                expert_tensor_parallel_size=etp, zero=zero, grouped=grouped, recompute=recompute, packed=packed)
 
 
 def _global_batch(step):
@@ -47,14 +49,18 @@ def _global_batch(step):
     return tokens
 
 
-def _my_micro_batches(step, dp_rank, dp):
-    """Megatron's order: micro-batch j of DP rank r holds samples j*mbs*dp + r*mbs ... + mbs."""
+def _my_micro_batches(step, dp_rank, dp, packed=False):
+    """Megatron's order: micro-batch j of DP rank r holds samples j*mbs*dp + r*mbs ... + mbs. packed: about one
+    token in eight is EOD (3), and the rows carry the packed-document fields."""
     tokens = _global_batch(step)
+    if packed:
+        tokens = torch.where(tokens % 8 == EOD, EOD, tokens)
     out = []
     for j in range(GLOBAL_BATCH // (MICRO_BATCH * dp)):
         start = j * MICRO_BATCH * dp + dp_rank * MICRO_BATCH
         sample = tokens[start:start + MICRO_BATCH]
-        out.append(dict(tokens=sample[:, :-1], labels=sample[:, 1:], loss_mask=torch.ones(MICRO_BATCH, SEQ)))
+        batch = dict(tokens=sample[:, :-1], labels=sample[:, 1:], loss_mask=torch.ones(MICRO_BATCH, SEQ))
+        out.append(add_document_fields(batch, EOD, True, True, True) if packed else batch)
     return out
 
 
@@ -69,8 +75,8 @@ def _train(spec: dict):
     optimizer = build_optimizer(model, cfg.optimizer, topo.device, keep=owners.owns if zero else None)
     losses, dropped, grads = [], [], None
     for step in range(STEPS):
-        record = train_step(runner, optimizer, _my_micro_batches(step, topo.dp_rank, topo.dp), cfg, topo, lr=1e-2,
-                            owners=owners)
+        record = train_step(runner, optimizer, _my_micro_batches(step, topo.dp_rank, topo.dp, spec["packed"]), cfg,
+                            topo, lr=1e-2, owners=owners)
         losses.append(record["loss"])
         dropped.append(record["fraction_dropped"])
         if step == 0:
@@ -78,7 +84,7 @@ def _train(spec: dict):
             # summed into the first stage's embedding, which the comparison checks.
             named = {n: p for n, p in model.named_parameters() if not getattr(p, "shared_embedding_copy", False)}
             grads = full_tensors(named, topo, grads=True)
-    valid = evaluate(runner, _my_micro_batches(STEPS, topo.dp_rank, topo.dp), cfg, topo)
+    valid = evaluate(runner, _my_micro_batches(STEPS, topo.dp_rank, topo.dp, spec["packed"]), cfg, topo)
     state_numel = sum(t.numel() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
     return dict(losses=losses, dropped=dropped, grads=grads, valid=valid, state_numel=state_numel)
 
@@ -87,6 +93,14 @@ def _train(spec: dict):
 def reference():
     try:
         return _train(layout())
+    finally:
+        destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def reference_packed():
+    try:
+        return _train(layout(packed=True))
     finally:
         destroy_distributed()
 
@@ -126,6 +140,25 @@ def test_zero1_distributed_optimizer_shards_state_and_matches(reference):
     full = reference["state_numel"]
     assert all(0.3 * full < r["state_numel"] < 0.7 * full for r in results)
     assert sum(r["state_numel"] for r in results) - full < 0.01 * full  # experts are not replicated: ~no overlap
+
+
+# Packed documents (--reset-position-ids --reset-attention-mask --eod-mask-loss): the layouts that carry them
+# differently (TP shards the mixer's channels, SP gathers the sequence, PP hands each stage its own copy, EP
+# moves tokens away from their rows).
+PACKED = {"TP2": layout(tp=2, packed=True), "EP2": layout(ep=2, packed=True), "PP2": layout(pp=2, packed=True),
+          "PP2-interleaved-recompute": layout(pp=2, vpp=2, schedule="interleaved_1f1b", recompute="uniform",
+                                              packed=True)}
+
+
+@pytest.mark.parametrize("name", PACKED)
+def test_packed_documents_in_every_layout_match_one_process(name, reference_packed, reference):
+    assert reference_packed["losses"] != reference["losses"]  # the flags change the function
+    _check(run_on_ranks(_train, 2, args=(PACKED[name],), timeout=300), reference_packed)
+
+
+@pytest.mark.slow
+def test_packed_documents_under_tp2_sequence_parallel_x_ep2(reference_packed):
+    _check(run_on_ranks(_train, 4, args=(layout(tp=2, ep=2, sp=True, packed=True),), timeout=400), reference_packed)
 
 
 @pytest.mark.slow
