@@ -11,7 +11,6 @@ alone. The tokenizer goes along and round-trips text as megamoe's does.
 import importlib.util
 import json
 import os
-import uuid
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every folder is local
 
@@ -78,7 +77,7 @@ def one_thread():
 
 
 def _export(trained, tmp_path, name) -> str:
-    out = str(tmp_path / f"hf_{name}_{uuid.uuid4().hex[:8]}")  # transformers caches remote code by folder name
+    out = str(tmp_path / f"hf_{name}")
     assert _tool("convert_checkpoint").main([f"{trained}/{name}", "--output", out, "--format", "hf"]) == 0
     return out
 
@@ -139,7 +138,7 @@ def test_tokenizer_round_trips_as_megamoe_and_mamba_only_stays_native(trained, t
     cfg.data.tokenizer_model = tiny_corpus["tokenizer"]
     net = build_model(cfg.model, seed=2).eval()
     checkpoint.save(str(tmp_path / "mamba"), net, None, TrainState(step=1), cfg, None)
-    native = str(tmp_path / f"hf_mamba_{uuid.uuid4().hex[:8]}")
+    native = str(tmp_path / "hf_mamba")
     assert _tool("convert_checkpoint").main([str(tmp_path / "mamba"), "--output", native, "--format", "hf"]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(native).eval()
     assert type(hf).__name__ == "MambaForCausalLM" and "modeling_megamoe.py" not in os.listdir(native)
