@@ -14,7 +14,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"megamoe.kernels": "kernels"},
-    package_data={"megamoe": ["configs/*.yaml"]},
+    # The Hugging Face remote code copied into `--format hf` exports (not imported by megamoe itself)
+    package_data={"megamoe": ["configs/*.yaml", "checkpoint/hf_modeling/*.py"]},
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16",
@@ -27,10 +28,15 @@ setup(
         "matplotlib",
         "safetensors",
     ],
+    # Optional: each front end that needs one names its extra when it is missing.
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "mpi": ["mpi4py", "mpich"],
-        "test": ["pytest", "pytest-timeout", "ruff~=0.17.6", "transformers>=4.40", "mambapy"],
+        "hf": ["transformers>=5.24"],  # loading the --format hf exports (writing them needs nothing more)
+        "eval": ["lm-eval>=0.4.9"],  # tools/lm_eval.py, megamoe.inference.harness
+        "wandb": ["wandb>=0.19"],  # --wandb-project
+        "test": ["pytest", "pytest-timeout", "ruff~=0.17.6", "transformers>=5.24", "mambapy", "lm-eval>=0.4.9",
+                 "wandb>=0.19"],
     },
     entry_points={
         "console_scripts": [

@@ -19,7 +19,8 @@ saved and loaded as it. Optimizer state is saved for, and loaded into, the param
 holds (with ZeRO-1, the ones the rank owns; the owners of all ranks together cover every parameter).
 Beside the DCP files: rng_rank<r>.pt, config.yaml (the resolved config) and megamoe.json (step, train state,
 model config, layout, file sizes and CRC32s), written last; folder.py makes the save atomic. Offline
-conversion and inspection: convert.py; export to safetensors and HF transformers: export.py.
+conversion and inspection: convert.py; export to one safetensors file: export.py; Hugging Face transformers folders:
+hf_export.py (the remote code it ships: hf_modeling/, never imported by megamoe) and hf_import.py.
 """
 from megamoe.checkpoint.boxes import (
     MODEL,

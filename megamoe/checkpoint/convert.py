@@ -34,7 +34,12 @@ def read_tensors(path: str, prefix: str = MODEL) -> dict:
 def check_layout(path: str, tp: int = 1, pp: int = 1, ep: int = 1, etp=None, dp=None):
     """The checkpoint's config with the target layout, validated (every size divides what it splits).
     dp None: the fewest data-parallel replicas the expert grid needs."""
-    cfg = copy.deepcopy(load_config(path))
+    return layout_config(load_config(path), path, tp, pp, ep, etp, dp)
+
+
+def layout_config(cfg, where: str, tp: int = 1, pp: int = 1, ep: int = 1, etp=None, dp=None):
+    """(a copy of `cfg` with the target layout, dp), validated against its model; `where` names it in errors."""
+    cfg = copy.deepcopy(cfg)
     p = cfg.parallel
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, pp
     p.expert_model_parallel_size, p.expert_tensor_parallel_size = ep, etp
@@ -43,7 +48,7 @@ def check_layout(path: str, tp: int = 1, pp: int = 1, ep: int = 1, etp=None, dp=
     try:
         p.validate(tp * pp * dp, cfg.model)  # the pipeline stages too
     except ConfigError as e:
-        raise CheckpointError(f"target layout for {path}: {e}") from e
+        raise CheckpointError(f"target layout for {where}: {e}") from e
     return cfg, dp
 
 
@@ -52,12 +57,23 @@ def reshard(path: str, output: str, tp: int = 1, pp: int = 1, ep: int = 1, etp=N
     model, optimizer state, train state and config are carried over. Returns the new folder."""
     path = resolve(path)
     cfg, dp = check_layout(path, tp, pp, ep, etp, dp)
-    etp = cfg.parallel.resolved_etp
     marker = read_marker(path)
-    model = read_tensors(path, MODEL)
+    files = [os.path.join(path, f) for f in ("config.yaml", "rng_rank0.pt")  # every rank draws the same streams
+             if os.path.isfile(os.path.join(path, f))]
+    new = dict(marker, converted_from=dict(path=os.path.abspath(path), layout=marker.get("layout")))
+    return write_layout(output, cfg, read_tensors(path, MODEL), read_tensors(path, OPTIM), new, dp, files)
+
+
+def write_layout(output: str, cfg, model: dict, optim: dict, marker: dict, dp: int, files=(),
+                 texts=None) -> str:
+    """Write output/iter_<marker step>: the whole tensors `model` ({name: tensor}) and `optim` ({name.key:
+    tensor}) stored as the boxes of cfg.parallel's layout (checked by layout_config), `files` copied and `texts`
+    ({file name: text}) written beside them, `marker` with the layout. Returns the new folder."""
+    p = cfg.parallel
+    tp, pp, ep, etp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size,
+                       p.resolved_etp)
     entries = {}
-    for key, t in list((MODEL + k, v) for k, v in model.items()) + list(
-            (OPTIM + k, v) for k, v in read_tensors(path, OPTIM).items()):
+    for key, t in list((MODEL + k, v) for k, v in model.items()) + list((OPTIM + k, v) for k, v in optim.items()):
         name = key[len(MODEL):] if key.startswith(MODEL) else key[len(OPTIM):].rpartition(".")[0]
         if t.dim() == 0 or (key.startswith(OPTIM) and model[name].shape != t.shape):
             entries[key] = Boxes.whole(t)
@@ -67,11 +83,13 @@ def reshard(path: str, output: str, tp: int = 1, pp: int = 1, ep: int = 1, etp=N
     name = step_name(marker["step"])
     tmp = new_tmp(output, name, None)
     write_entries(tmp, entries)
-    shutil.copy(os.path.join(path, "config.yaml"), os.path.join(tmp, "config.yaml"))
-    if os.path.isfile(os.path.join(path, "rng_rank0.pt")):  # every rank draws the same streams
-        shutil.copy(os.path.join(path, "rng_rank0.pt"), os.path.join(tmp, "rng_rank0.pt"))
+    for f in files:
+        shutil.copy(f, os.path.join(tmp, os.path.basename(f)))
+    for f, text in (texts or {}).items():
+        with open(os.path.join(tmp, f), "w") as out:
+            out.write(text)
     layout = dict(tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, world_size=tp * pp * dp)
-    new = dict(marker, layout=layout, converted_from=dict(path=os.path.abspath(path), layout=marker.get("layout")))
+    new = dict(marker, layout=layout)
     new.pop("files", None)
     return finalize(output, tmp, name, new, None)
 

@@ -76,6 +76,9 @@ MEGATRON_FLAGS = {
     "--no-load-rng": "checkpoint.no_load_rng",
     "--distributed-timeout-minutes": "parallel.distributed_timeout_minutes",
     "--log-interval": "logging.log_interval",
+    "--wandb-project": "logging.wandb_project",
+    "--wandb-exp-name": "logging.wandb_exp_name",
+    "--wandb-save-dir": "logging.wandb_save_dir",
     "--num-experts": "model.num_experts",
     "--hidden-size": "model.d_model",
 }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -98,13 +99,17 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Progress lines, metrics.jsonl, TensorBoard and the loss plot."""
+    """Progress lines, metrics.jsonl, TensorBoard, Weights & Biases and the loss plot."""
 
     log_dir: Optional[str] = option(None, "metrics.jsonl, TensorBoard events, loss.png; None: checkpoint.save or "
                                           "./runs")
     log_interval: int = option(10, "steps between progress lines and metrics records")
     tensorboard: bool = option(True, "write TensorBoard events too")
     peak_tflops: Optional[float] = option(None, "per device, for model FLOPs utilisation")
+    wandb_project: Optional[str] = option(None, "Weights & Biases project for TensorBoard's scalars and the config "
+                                                "(rank 0; pip install megamoe[wandb]); None: no W&B")
+    wandb_exp_name: Optional[str] = option(None, "the W&B run's name (None: W&B picks one)")
+    wandb_save_dir: Optional[str] = option(None, "where W&B keeps its files; None: <log_dir>/wandb")
 
 
 @dataclass
@@ -136,6 +141,9 @@ class Config:
         if check_files:
             self.data.validate()
         self._validate_checkpoint_paths()
+        if self.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("--wandb-project logs to Weights & Biases, which is not installed: "
+                              "pip install megamoe[wandb] (or drop --wandb-project)")
         if self.checkpoint.finetune and not self.checkpoint.load:
             raise ConfigError("--finetune starts from the weights of a checkpoint: give --load DIR")
         t = self.training

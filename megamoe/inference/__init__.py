@@ -1,4 +1,5 @@
-"""Using a trained model: loading a checkpoint into one process, recurrent generation, perplexity."""
+"""Using a trained model: loading a checkpoint into one process, recurrent generation, perplexity, the
+log-likelihoods lm-evaluation-harness asks for (scoring.py; the harness's model itself: harness.py, optional)."""
 from megamoe.errors import InferenceError
 from megamoe.inference.evaluation import (
     dataset_batches,
@@ -17,7 +18,9 @@ from megamoe.inference.generation import (
     sample,
 )
 from megamoe.inference.loading import available_bytes, checkpoint_tokenizer, load_for_inference
+from megamoe.inference.scoring import continuation_logprobs
 
 __all__ = ["InferenceCache", "InferenceError", "allocate_cache", "available_bytes", "check_model",
-           "checkpoint_tokenizer", "dataset_batches", "dataset_chunks", "evaluate_perplexity", "filter_logits",
-           "forward_cached", "generate", "load_for_inference", "sample", "text_batches", "token_batches"]
+           "checkpoint_tokenizer", "continuation_logprobs", "dataset_batches", "dataset_chunks",
+           "evaluate_perplexity", "filter_logits", "forward_cached", "generate", "load_for_inference", "sample",
+           "text_batches", "token_batches"]

@@ -1,4 +1,4 @@
-"""Where a run's metrics go: progress line, metrics.jsonl, TensorBoard, and loss.png at the end."""
+"""Where a run's metrics go: progress line, metrics.jsonl, TensorBoard, Weights & Biases, and loss.png at the end."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,7 @@ import torch.distributed as dist
 from matplotlib.figure import Figure
 
 from megamoe.config import Config
+from megamoe.errors import ConfigError
 from megamoe.logging import MetricsWriter, Progress, get_logger, read_metrics
 
 log = get_logger()
@@ -74,6 +75,23 @@ class IntervalMeans:
         return out
 
 
+def start_wandb(cfg: Config, log_dir: str):
+    """Rank 0's Weights & Biases run (Megatron's --wandb-project, --wandb-exp-name, --wandb-save-dir), holding the
+    resolved config; None, with a warning, when W&B cannot start (training goes on without it)."""
+    try:
+        import wandb
+    except ImportError:  # Config.validate checked it is installed
+        raise ConfigError("--wandb-project needs Weights & Biases: pip install megamoe[wandb]") from None
+    save_dir = cfg.logging.wandb_save_dir or os.path.join(log_dir, "wandb")
+    os.makedirs(save_dir, exist_ok=True)
+    try:
+        return wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_exp_name, dir=save_dir,
+                          config=cfg.to_dict())
+    except Exception as e:  # noqa: BLE001 - a W&B outage must not stop a training run
+        log.warning(f"Weights & Biases did not start ({e}); metrics go to metrics.jsonl and TensorBoard only")
+        return None
+
+
 class RunLogger:
     """Rank 0 writes; other ranks hold an inert logger."""
 
@@ -90,6 +108,7 @@ class RunLogger:
                 self.tb = SummaryWriter(os.path.join(log_dir, "tensorboard"))
             except ImportError:
                 log.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+        self.wandb = start_wandb(cfg, log_dir) if topo.is_rank0 and cfg.logging.wandb_project else None
 
     def log(self, record: dict, progress: Progress) -> None:
         peak = self.cfg.logging.peak_tflops
@@ -118,12 +137,17 @@ class RunLogger:
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
             self.tb.flush()
+        if self.wandb:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                           step=record["step"])
 
     def close(self) -> Optional[str]:
         """Close writers and plot the loss curves; returns the plot's path (rank 0)."""
         self.metrics.close()
         if self.tb:
             self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
         if not (self.topo.is_rank0 and self.metrics.path and os.path.exists(self.metrics.path)):
             return None
         return plot_losses(read_metrics(self.metrics.path), os.path.join(self.log_dir, "loss.png"))

@@ -1,5 +1,6 @@
-"""Offline tools on CPU without a process group: HF transformers export (same logits), consolidated
-safetensors, --inspect, the --target-layout checks, and that the files are plain DCP checkpoints."""
+"""Offline tools on CPU without a process group: HF transformers export of Mamba models (same logits; every other
+pattern: test_hf_export.py), consolidated safetensors, --inspect, the --target-layout checks, and that the files are
+plain DCP checkpoints."""
 import importlib.util
 import os
 
@@ -8,7 +9,8 @@ import torch
 
 from megamoe import checkpoint
 from megamoe.checkpoint import CheckpointError
-from megamoe.checkpoint.export import consolidate, export_hf, load_consolidated
+from megamoe.checkpoint.export import consolidate, load_consolidated
+from megamoe.checkpoint.hf_export import export_hf
 from megamoe.model import build_model
 from megamoe.training import TrainState
 from tests.checkpoint.common import VOCAB, config, probe_tokens
@@ -46,10 +48,15 @@ def test_hf_export_gives_the_same_logits(tmp_path, tie):
         torch.testing.assert_close(hf(tokens).logits, model(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_hf_export_refuses_what_hf_cannot_hold(tmp_path):
-    _save(tmp_path / "ckpt", config())  # MEAF: MoE, attention, FFN
-    with pytest.raises(CheckpointError, match=r"pattern='MEAF' has layers \['A', 'E', 'F'\].*Mamba layers only"):
+def test_hf_export_refuses_a_tokenizer_that_is_not_the_models(tmp_path, tiny_corpus):
+    cfg = config()
+    cfg.data.tokenizer_model = str(tmp_path / "gone.model")
+    _save(tmp_path / "ckpt", cfg)
+    with pytest.raises(CheckpointError, match=r"the checkpoint's tokenizer .*gone.model does not exist here; pass "
+                                              r"--tokenizer-model PATH"):
         export_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match=r"has 1024 pieces, more than the model's vocabulary of 64"):
+        export_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), tokenizer_model=tiny_corpus["tokenizer"])
     assert not (tmp_path / "hf").exists()
 
 
