@@ -26,11 +26,15 @@ setup(
         "tensorboard",
         "matplotlib",
         "safetensors",
+        "orjson",  # the fast JSON decoder of preprocessing (the standard library's json is the fallback)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "mpi": ["mpi4py", "mpich"],
-        "test": ["pytest", "pytest-timeout", "ruff~=0.17.6", "transformers>=4.40", "mambapy"],
+        "parquet": ["pyarrow"],  # Parquet inputs
+        "hf": ["tokenizers>=0.15", "pyarrow"],  # Hugging Face tokenizers, saved Hugging Face datasets as inputs
+        "test": ["pytest", "pytest-timeout", "ruff~=0.17.6", "transformers>=4.40", "mambapy", "tokenizers>=0.15",
+                 "pyarrow", "datasets"],
     },
     entry_points={
         "console_scripts": [

@@ -54,6 +54,7 @@ MEGATRON_FLAGS = {
     "--data-path": "data.data_path",
     "--split": "data.split",
     "--tokenizer-model": "data.tokenizer_model",
+    "--tokenizer-type": "data.tokenizer_type",
     "--data-cache-path": "data.cache_path",
     "--lr": "optimizer.lr",
     "--min-lr": "optimizer.min_lr",
