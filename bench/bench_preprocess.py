@@ -7,13 +7,16 @@ to --mb MB of JSONL; the tokenizer a sentencepiece BPE of --vocab-size pieces tr
 byte-level BPE of the `tokenizers` library, in a Hugging Face tokenizer folder).
 
 The floor is the tokenizer alone: its own batch encode of every document's text, already decoded in memory, in
-one thread, in batches of the blocks the pipeline reads (the better of two passes); with W workers it is that
-time / W, the best W processes could do if nothing but tokenizing cost anything. Each megamoe run reads the
-JSONL, decodes, encodes and writes .bin/.idx with 1, 2 and N (= the cores) workers, and with 2 partitions; the
-table gives docs/s and MB/s (input bytes), wall and CPU seconds (this process and its workers), the run's
-share of the floor, and whether it wrote the bytes of a straightforward reference (json.loads, one
-sentencepiece encode per document, megatron-core's IndexedDatasetBuilder: what Megatron-LM's tool does, in one
-process), also timed. Worker speed-ups need idle cores: the load average is printed before and after.
+one thread, in batches of the blocks the pipeline reads, timed in CPU seconds (the better of two passes, so
+other processes on the machine do not inflate it); with W workers the floor is that time / W, the best W
+processes could do if nothing but tokenizing cost anything. Each megamoe run reads the JSONL, decodes, encodes
+and writes .bin/.idx with 1, 2 and N (= the cores) workers, and with 2 partitions; the table gives docs/s and
+MB/s (input bytes), wall and CPU seconds (this process and its workers), `vs floor` = (floor / W) / wall (the
+target: >= 0.70 with 2 workers), `CPU vs floor` = floor / CPU seconds (the share of the run's work that is
+tokenizing, which other load hardly moves), the 1-minute load average after the run, and whether it wrote the
+bytes of a straightforward reference (json.loads, one encode per document, megatron-core's
+IndexedDatasetBuilder: what Megatron-LM's tool does, in one process), also timed. Worker speed-ups need idle
+cores: on a shared machine read the load column.
 """
 import argparse
 import json
@@ -74,7 +77,8 @@ def make_hf_tokenizer(corpus: str, folder: str, vocab_size: int) -> str:
 
 
 def floor_seconds(corpus: str, tokenizer) -> float:
-    """The tokenizer's own batch encode of every text, one thread, in the pipeline's blocks: the better of two."""
+    """CPU seconds of the tokenizer's own batch encode of every text, one thread, in the pipeline's blocks: the
+    better of two passes."""
     batches, batch, size = [], [], 0
     with open(corpus, "rb") as f:
         for line in f:
@@ -86,10 +90,10 @@ def floor_seconds(corpus: str, tokenizer) -> float:
     batches.append(batch)
     best = float("inf")
     for _ in range(2):
-        start = time.perf_counter()
+        start = time.process_time()
         for b in batches:
             tokenizer.encode_batch(b)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.process_time() - start)
     return best
 
 
@@ -120,6 +124,7 @@ def timed(fn, *args, **kwargs) -> dict:
     cpu = cpu_seconds()
     out = fn(*args, **kwargs)
     out["cpu"] = cpu_seconds() - cpu
+    out["load"] = os.getloadavg()[0]
     return out
 
 
@@ -144,17 +149,18 @@ def table(name: str, corpus: str, tokenizer_model: str, work: str, workers: list
                     progress=False)
         rows.append(("megamoe preprocess", w, p, out, prefix + "_text_document"))
     docs = rows[-1][3]["documents"]
-    print(f"\n{name}: floor = {tok.type_name} batch encode of the {docs} documents, 1 thread: {floor:.2f} s "
+    print(f"\n{name}: floor = {tok.type_name} batch encode of the {docs} documents, 1 thread: {floor:.2f} CPU s "
           f"({docs / floor:.0f} docs/s)")
     print("\n| run | workers | partitions | docs/s | MB/s | seconds | CPU seconds | floor docs/s | vs floor "
-          "| identical output |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| CPU vs floor | load | identical output |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     base = ref_prefix or rows[0][4]
     for run, w, p, r, prefix in rows:
         floor_rate = docs * w / floor
         print(f"| {run} | {w} | {p} | {r['documents'] / r['seconds']:.0f} | {r['bytes'] / 1e6 / r['seconds']:.2f} | "
               f"{r['seconds']:.2f} | {r['cpu']:.2f} | {floor_rate:.0f} | "
-              f"{r['documents'] / r['seconds'] / floor_rate:.2f} | {'yes' if same_files(prefix, base) else 'NO'} |")
+              f"{r['documents'] / r['seconds'] / floor_rate:.2f} | {floor / r['cpu']:.2f} | {r['load']:.1f} | "
+              f"{'yes' if same_files(prefix, base) else 'NO'} |")
 
 
 def main(argv=None) -> int:

@@ -63,9 +63,3 @@ def test_the_wheel_folder_is_ignored_and_fetched_for_python_312():
     assert "MEGATRON_CORE:-0.19.2" in fetch and "requirements.txt" in fetch
     checks = open(SCRIPT).read()
     assert "bench/fetch_gpu_wheels.sh" in checks and "--no-index --no-deps" in checks
-
-
-def test_on_cpu_the_checks_stop_at_once(tmp_path):
-    run = subprocess.run(["bash", SCRIPT, str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
-                         cwd=ROOT)
-    assert run.returncode == 2 and "needs a CUDA GPU" in run.stderr and not (tmp_path / "out").exists()
