@@ -27,16 +27,20 @@ setup(
         "tensorboard",
         "matplotlib",
         "safetensors",
+        "orjson",  # the fast JSON decoder of preprocessing (the standard library's json is the fallback)
     ],
     # Optional: each front end that needs one names its extra when it is missing.
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "mpi": ["mpi4py", "mpich"],
-        "hf": ["transformers>=5.24"],  # loading the --format hf exports (writing them needs nothing more)
+        "parquet": ["pyarrow"],  # Parquet inputs
+        # Hugging Face: loading the --format hf exports (writing them needs nothing more), tokenizer.json
+        # tokenizers, saved Hugging Face datasets as inputs
+        "hf": ["transformers>=5.24", "tokenizers>=0.15", "pyarrow"],
         "eval": ["lm-eval>=0.4.9"],  # tools/lm_eval.py, megamoe.inference.harness
         "wandb": ["wandb>=0.19"],  # --wandb-project
         "test": ["pytest", "pytest-timeout", "ruff~=0.17.6", "transformers>=5.24", "mambapy", "lm-eval>=0.4.9",
-                 "wandb>=0.19"],
+                 "wandb>=0.19", "tokenizers>=0.15", "pyarrow", "datasets"],
     },
     entry_points={
         "console_scripts": [

@@ -20,7 +20,8 @@ LAYERS = {"megamoe.errors": 0, "megamoe.logging": 0, "megamoe.config": 1, "megam
           "megamoe.inference": 7, "megamoe.training": 8, "megamoe.cli": 9, "megamoe.testing": 9}
 DATA_RESTS_ON = {"megamoe.config", "megamoe.errors", "megamoe.logging", "megamoe.data"}
 # What may be imported inside a function: dependencies a machine may lack, and the Triton kernels.
-OPTIONAL = ("apex", "transformer_engine", "mpi4py", "torch.utils.tensorboard", "wandb", "megamoe.kernels")
+OPTIONAL = ("apex", "transformer_engine", "mpi4py", "torch.utils.tensorboard", "wandb", "megamoe.kernels", "pyarrow",
+            "tokenizers")
 
 
 def _module_name(path: Path) -> str:

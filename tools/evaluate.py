@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from megamoe.checkpoint import load_config  # noqa: E402
+from megamoe.config import TOKENIZER_TYPES  # noqa: E402
 from megamoe.errors import DataError, UserError  # noqa: E402
 from megamoe.inference import (  # noqa: E402
     checkpoint_tokenizer,
@@ -45,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
     parser.add_argument("--capacity-factor", type=float, default=None,
                         help="MoE capacity for evaluation (default: the model's; 0: no token dropped)")
-    parser.add_argument("--tokenizer-model", help="sentencepiece .model (default: the checkpoint's)")
+    parser.add_argument("--tokenizer-model",
+                        help="sentencepiece .model or Hugging Face tokenizer folder (default: the checkpoint's)")
+    parser.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES),
+                        help="as in training (default: the checkpoint's, or told by --tokenizer-model)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -57,7 +61,7 @@ def batches_for(args, cfg, seq_length: int):
     if args.text_file:
         if args.data_path or args.split:
             raise DataError("--text-file scores raw files; drop --data-path / --split, or score a dataset instead")
-        tokenizer = checkpoint_tokenizer(cfg, args.tokenizer_model)
+        tokenizer = checkpoint_tokenizer(cfg, args.tokenizer_model, tokenizer_type=args.tokenizer_type)
         return (text_batches(args.text_file, tokenizer, seq_length, args.batch_size, args.json_keys,
                              vocab_size=cfg.model.vocab_size), " ".join(args.text_file))
     data_path = args.data_path or list(cfg.data.data_path)
@@ -68,7 +72,8 @@ def batches_for(args, cfg, seq_length: int):
         raise DataError("the checkpoint's config has no data path (trained on mock data?); pass --data-path")
     part = args.split or "all"
     split = args.split_weights or cfg.data.split
-    tokenizer = checkpoint_tokenizer(cfg, args.tokenizer_model, required=False)  # checks the data's tokenizer
+    tokenizer = checkpoint_tokenizer(cfg, args.tokenizer_model, required=False,  # checks the data's tokenizer
+                                     tokenizer_type=args.tokenizer_type)
     batches = dataset_batches(data_path, seq_length, args.batch_size, part, split, tokenizer, cfg.model.vocab_size)
     where = " ".join(map(str, data_path)) + ("" if part == "all" else f" ({part} of --split {split})")
     return batches, where

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from megamoe.checkpoint import load_config  # noqa: E402
+from megamoe.config import TOKENIZER_TYPES  # noqa: E402
 from megamoe.errors import DataError, InferenceError, UserError  # noqa: E402
 from megamoe.inference import checkpoint_tokenizer, generate, load_for_inference  # noqa: E402
 
@@ -36,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="makes sampling reproducible (default: a fresh one, printed on stderr)")
     parser.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, in one batch")
     parser.add_argument("--no-stop-at-eod", action="store_true", help="keep going past the end-of-document token")
-    parser.add_argument("--tokenizer-model", help="sentencepiece .model (default: the checkpoint's)")
+    parser.add_argument("--tokenizer-model",
+                        help="sentencepiece .model or Hugging Face tokenizer folder (default: the checkpoint's)")
+    parser.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES),
+                        help="as in training (default: the checkpoint's, or told by --tokenizer-model)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the samples and timings")
@@ -57,7 +61,8 @@ def main(argv=None) -> int:
             with open(args.prompt_file, encoding="utf-8") as f:
                 text = f.read()
         start = time.perf_counter()
-        tokenizer = checkpoint_tokenizer(load_config(args.load), args.tokenizer_model)  # before the model
+        tokenizer = checkpoint_tokenizer(load_config(args.load), args.tokenizer_model,
+                                         tokenizer_type=args.tokenizer_type)  # before the model
         model, _ = load_for_inference(args.load, args.device)
         ids = tokenizer.encode(text) or [tokenizer.eod]
         loaded = time.perf_counter()

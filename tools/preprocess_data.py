@@ -4,7 +4,10 @@
         --output-prefix data/corpus --append-eod --workers 2
 
 Flags and output as Megatron-LM's tools/preprocess_data.py (the files are read unchanged by
-megatron-core's IndexedDataset); --input also takes text files, folders and globs, .gz included.
+megatron-core's IndexedDataset); --input also takes text files, folders and globs, .gz included, Parquet
+files and Hugging Face datasets saved with save_to_disk (--json-keys names their columns). The tokenizer is a
+sentencepiece .model or, with --tokenizer-type HuggingFaceTokenizer, a Hugging Face tokenizer folder (with
+tokenizer.json, as Llama, Qwen or GPT-2 ship theirs).
 Bad records (malformed JSON, missing key, non-UTF-8 bytes, empty text) are counted, reported with file
 and line, and skipped; --strict stops at the first one. A <prefix>_<key>_document.json sidecar records
 the tokenizer, so training with a different one fails with a clear error.
@@ -15,28 +18,31 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from megamoe.config import TOKENIZER_TYPES  # noqa: E402
 from megamoe.data import preprocess  # noqa: E402
 from megamoe.errors import DataError, UserError  # noqa: E402
-
-SENTENCEPIECE_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input data")
-    group.add_argument("--input", nargs="+", required=True, help="JSONL / text files, folders or globs (.gz ok)")
-    group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract; one output per key")
+    group.add_argument("--input", nargs="+", required=True,
+                       help="JSONL / text / Parquet files, folders or globs (.gz ok), saved Hugging Face datasets")
+    group.add_argument("--json-keys", nargs="+", default=["text"],
+                       help="keys (Parquet / dataset columns) to extract; one output per key")
     group.add_argument("--split-sentences", action="store_true", help="not supported (documents are kept whole)")
     group.add_argument("--keep-newlines", action="store_true", help="accepted; newlines are always kept")
     group.add_argument("--text-mode", default="file", choices=["file", "line"],
                        help="text files: one document per file (default) or per line")
     group.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", default="GPTSentencePieceTokenizer", choices=SENTENCEPIECE_TYPES,
-                       help="accepted for Megatron-LM compatibility; the model is always sentencepiece")
-    group.add_argument("--tokenizer-model", required=True, help="sentencepiece .model (tools/train_tokenizer.py)")
-    group.add_argument("--vocab-file", help="not supported: give a sentencepiece --tokenizer-model")
-    group.add_argument("--merge-file", help="not supported: give a sentencepiece --tokenizer-model")
+    group.add_argument("--tokenizer-type", default=None, choices=list(TOKENIZER_TYPES),
+                       help="sentencepiece (GPTSentencePieceTokenizer, SentencePieceTokenizer, Llama2Tokenizer) or "
+                            "HuggingFaceTokenizer; default: told by --tokenizer-model (a folder is Hugging Face's)")
+    group.add_argument("--tokenizer-model", required=True,
+                       help="sentencepiece .model (tools/train_tokenizer.py) or a Hugging Face tokenizer folder")
+    group.add_argument("--vocab-file", help="not supported: give a Hugging Face tokenizer folder instead")
+    group.add_argument("--merge-file", help="not supported: give a Hugging Face tokenizer folder instead")
     group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
     group.add_argument("--lang", default="english", help="accepted for compatibility (sentence splitting only)")
     group = parser.add_argument_group("output data")
@@ -58,11 +64,13 @@ def main(argv=None) -> int:
             raise DataError("--split-sentences is not supported: documents are tokenized whole (GPT-style "
                             "pretraining does not need sentence splits); drop the flag")
         if args.vocab_file or args.merge_file:
-            raise DataError("--vocab-file/--merge-file (GPT-2 BPE) are not supported; train a sentencepiece "
-                            "model with tools/train_tokenizer.py and pass it as --tokenizer-model")
+            raise DataError("--vocab-file/--merge-file (GPT2BPETokenizer) are not supported; pass GPT-2's Hugging "
+                            "Face tokenizer folder (with tokenizer.json) as --tokenizer-model and --tokenizer-type "
+                            "HuggingFaceTokenizer, or a sentencepiece model from tools/train_tokenizer.py")
         stats = preprocess(args.input, args.tokenizer_model, args.output_prefix, json_keys=args.json_keys,
                            append_eod=args.append_eod, workers=args.workers, partitions=args.partitions,
-                           strict=args.strict, log_interval=args.log_interval, text_mode=args.text_mode)
+                           strict=args.strict, log_interval=args.log_interval, text_mode=args.text_mode,
+                           tokenizer_type=args.tokenizer_type)
     except UserError as e:
         print(f"preprocess_data: error: {e}", file=sys.stderr)
         return 2

@@ -23,7 +23,8 @@ def print_params(cfg) -> None:
     if cfg.model.vocab_size is None:
         if not cfg.data.tokenizer_model:
             raise ConfigError("--print-params needs the vocabulary: set --model.vocab_size or --tokenizer-model")
-        cfg.model.vocab_size = cfg.model.padded_vocab_size(load_tokenizer(cfg.data.tokenizer_model).vocab_size,
+        tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
+        cfg.model.vocab_size = cfg.model.padded_vocab_size(tokenizer.vocab_size,
                                                            cfg.parallel.tensor_model_parallel_size,
                                                            cfg.data.tokenizer_model)
     c = count_parameters(cfg.model)

@@ -23,12 +23,20 @@ from megamoe.config.flags import (
 from megamoe.config.model import ModelConfig, mamba_d_inner, mamba_dt_rank
 from megamoe.config.parallel import ParallelConfig
 from megamoe.config.pattern import LAYER_KINDS, block_kinds
-from megamoe.config.run import CheckpointConfig, Config, DataConfig, LoggingConfig, parse_data_path
+from megamoe.config.run import (
+    TOKENIZER_TYPES,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    LoggingConfig,
+    parse_data_path,
+    tokenizer_backend,
+)
 from megamoe.config.training import OptimizerConfig, TrainingConfig
 from megamoe.errors import ConfigError
 
-__all__ = ["LAYER_KINDS", "MEGATRON_FLAGS", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
-           "LoggingConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "TrainingConfig",
+__all__ = ["LAYER_KINDS", "MEGATRON_FLAGS", "TOKENIZER_TYPES", "CheckpointConfig", "Config", "ConfigError",
+           "DataConfig", "LoggingConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "TrainingConfig",
            "add_config_arguments", "all_keys", "apply_dict", "block_kinds", "build_config", "config_from_dict",
            "describe_keys", "load_yaml", "mamba_d_inner", "mamba_dt_rank", "parse_data_path", "parse_overrides",
-           "set_key"]
+           "set_key", "tokenizer_backend"]

@@ -54,6 +54,7 @@ MEGATRON_FLAGS = {
     "--data-path": "data.data_path",
     "--split": "data.split",
     "--tokenizer-model": "data.tokenizer_model",
+    "--tokenizer-type": "data.tokenizer_type",
     "--data-cache-path": "data.cache_path",
     "--reset-position-ids": "data.reset_position_ids",
     "--reset-attention-mask": "data.reset_attention_mask",

@@ -34,6 +34,23 @@ def parse_data_path(data_path: Sequence) -> tuple:
     return items[1::2], weights
 
 
+# --tokenizer-type: Megatron-LM's names (and short ones) -> the backend in megamoe.data.tokenizer.
+TOKENIZER_TYPES = {"GPTSentencePieceTokenizer": "sentencepiece", "SentencePieceTokenizer": "sentencepiece",
+                   "Llama2Tokenizer": "sentencepiece", "sentencepiece": "sentencepiece",
+                   "HuggingFaceTokenizer": "huggingface", "huggingface": "huggingface"}
+
+
+def tokenizer_backend(tokenizer_type: Optional[str], tokenizer_model: Optional[str]) -> str:
+    """'sentencepiece' or 'huggingface': by --tokenizer-type, else by --tokenizer-model (a folder or a .json file
+    is a Hugging Face tokenizer, any other file a sentencepiece model)."""
+    if tokenizer_type:
+        if tokenizer_type not in TOKENIZER_TYPES:
+            raise ConfigError(f"--tokenizer-type {tokenizer_type}: use one of {', '.join(TOKENIZER_TYPES)}")
+        return TOKENIZER_TYPES[tokenizer_type]
+    model = str(tokenizer_model or "")
+    return "huggingface" if os.path.isdir(model) or model.endswith(".json") else "sentencepiece"
+
+
 def same_folder(a: Optional[str], b: Optional[str]) -> bool:
     return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
 
@@ -44,7 +61,11 @@ class DataConfig:
 
     data_path: list = option(help="prefixes of .bin/.idx pairs, or weight prefix pairs (a blend)", factory=list)
     split: str = option("949,50,1", "train,valid,test weights (Megatron's --split)")
-    tokenizer_model: Optional[str] = option(None, "sentencepiece .model")
+    tokenizer_model: Optional[str] = option(None, "sentencepiece .model, or a Hugging Face tokenizer folder "
+                                                  "(with tokenizer.json) or its tokenizer.json")
+    tokenizer_type: Optional[str] = option(None, "SentencePieceTokenizer (GPTSentencePieceTokenizer, Llama2Tokenizer) "
+                                                 "or HuggingFaceTokenizer; None: told by tokenizer_model (a folder "
+                                                 "or .json file is Hugging Face's)")
     seq_length: int = option(256, "tokens per training sequence")
     num_workers: int = option(0, "DataLoader worker processes")
     cache_path: Optional[str] = option(None, "dataset index cache; None: <data dir>/index_cache (or a temp dir)")
@@ -64,6 +85,7 @@ class DataConfig:
         parts = self.split.split(",")
         if len(parts) != 3 or not all(is_number(p) for p in parts) or sum(map(float, parts)) <= 0:
             raise ConfigError(f"--split={self.split!r}: give three weights for train,valid,test, e.g. 949,50,1")
+        backend = tokenizer_backend(self.tokenizer_type, self.tokenizer_model)
         if self.mock:
             return
         if not self.data_path:
@@ -75,10 +97,14 @@ class DataConfig:
                     raise ConfigError(f"--data-path: {prefix + ext} does not exist; give the prefix of the "
                                       "files tools/preprocess_data.py wrote (without .bin/.idx)")
         if not self.tokenizer_model:
-            raise ConfigError("--tokenizer-model is not set; give the sentencepiece .model the data was "
-                              "preprocessed with")
-        if not os.path.isfile(self.tokenizer_model):
+            raise ConfigError("--tokenizer-model is not set; give the tokenizer the data was preprocessed with (a "
+                              "sentencepiece .model or a Hugging Face tokenizer folder)")
+        if not os.path.exists(self.tokenizer_model):
             raise ConfigError(f"--tokenizer-model: {self.tokenizer_model} does not exist")
+        if backend == "sentencepiece" and os.path.isdir(self.tokenizer_model):
+            raise ConfigError(f"--tokenizer-model {self.tokenizer_model} is a folder, but --tokenizer-type "
+                              f"{self.tokenizer_type} is sentencepiece; give the .model file, or --tokenizer-type "
+                              "HuggingFaceTokenizer for a folder with tokenizer.json")
 
 
 @dataclass

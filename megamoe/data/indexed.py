@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from typing import Optional, Sequence
 
 import numpy as np
-from megatron.core.datasets import indexed_dataset
+from megatron.core.datasets import indexed_dataset  # noqa: F401  (the reader, re-exported for megamoe's readers)
 
 from megamoe.errors import DataError
 
@@ -128,9 +129,7 @@ def write_sidecar(prefix: str, tokenizer, key: str, documents: int, tokens: int,
     """Write the sidecar for `prefix` (to `path` when given, e.g. a temporary name)."""
     record = dict(format=SIDECAR_FORMAT, key=key, documents=documents, tokens=tokens,
                   dtype=np.dtype(optimal_dtype(tokenizer.vocab_size)).name, append_eod=append_eod,
-                  tokenizer=dict(model=os.path.abspath(tokenizer.path) if tokenizer.path else None,
-                                 fingerprint=tokenizer.fingerprint, vocab_size=tokenizer.vocab_size,
-                                 eod=tokenizer.eod, pad=tokenizer.pad),
+                  tokenizer=tokenizer.describe(),
                   inputs=list(inputs)[:100], num_inputs=len(inputs), **(extra or {}))
     with open(path or sidecar_path(prefix), "w") as f:
         json.dump(record, f, indent=1)
@@ -155,12 +154,74 @@ def publish(tmp_prefix: str, prefix: str) -> None:
     os.replace(tmp_prefix + ".idx", prefix + ".idx")
 
 
+class IndexedWriter:
+    """Writes <prefix>.bin/.idx byte for byte as megatron-core's IndexedDatasetBuilder does (add_document with
+    one sequence per document, add_index, finalize), with large sequential writes: each call hands over a whole
+    array of tokens, and the index is kept as numpy arrays, not Python lists (20 bytes per document)."""
+
+    def __init__(self, bin_path: str, dtype, buffer_bytes: int = 8 << 20):
+        self.dtype = np.dtype(dtype)
+        self.data_file = open(bin_path, "wb", buffering=buffer_bytes)
+        self.lengths: list = []  # int32 arrays: tokens per sequence
+        self.doc_ends: list = []  # int64 arrays: the sequence count at the end of each document
+        self.sequences = 0
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents of `lengths` tokens each, back to back in `tokens`, one sequence per document."""
+        self.data_file.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
+        n = len(lengths)
+        self.lengths.append(np.asarray(lengths, dtype=np.int32))
+        self.doc_ends.append(np.arange(self.sequences + 1, self.sequences + n + 1, dtype=np.int64))
+        self.sequences += n
+
+    def add_index(self, prefix: str) -> None:
+        """Append a whole indexed dataset (its documents as they are), like IndexedDatasetBuilder.add_index."""
+        info = check_indexed_dataset(prefix)
+        if np.dtype(info["dtype"]) != self.dtype:
+            raise DataError(f"{prefix} holds {info['dtype']} tokens, not {self.dtype.name}")
+        count, docs = info["sequences"], info["documents"] + 1
+        raw = np.fromfile(prefix + ".idx", dtype=np.uint8)
+        self.lengths.append(raw[HEADER_BYTES:HEADER_BYTES + 4 * count].view(np.int32).copy())
+        start = HEADER_BYTES + 12 * count
+        self.doc_ends.append(raw[start:start + 8 * docs].view(np.int64)[1:] + self.sequences)
+        self.sequences += count
+        del raw
+        self.data_file.flush()
+        with open(prefix + ".bin", "rb") as f:
+            shutil.copyfileobj(f, self.data_file, 16 << 20)
+
+    def finalize(self, idx_path: str) -> None:
+        self.data_file.close()
+        code = next(c for c, t in DTYPES.items() if np.dtype(t) == self.dtype)
+        docs = 1 + sum(len(d) for d in self.doc_ends)
+        with open(idx_path, "wb", buffering=8 << 20) as f:
+            f.write(INDEX_HEADER + struct.pack("<QBQQ", 1, code, self.sequences, docs))
+            for lengths in self.lengths:
+                f.write(lengths.data)
+            offset = 0  # byte offset of each sequence in the .bin: an exclusive running sum, int64
+            for lengths in self.lengths:
+                sizes = lengths.astype(np.int64) * self.dtype.itemsize
+                pointers = np.cumsum(sizes) - sizes + offset
+                f.write(pointers.data)
+                offset += int(sizes.sum())
+            f.write(np.zeros(1, dtype=np.int64).data)
+            for ends in self.doc_ends:
+                f.write(ends.data)
+
+    def abort(self) -> None:
+        self.data_file.close()  # the caller removes the temporary files
+
+
 def concatenate(prefixes: Sequence[str], tmp_prefix: str, dtype) -> None:
-    """Concatenate indexed datasets in order into <tmp_prefix>.bin/.idx with megatron-core's builder."""
-    builder = indexed_dataset.IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=dtype)
-    for p in prefixes:
-        builder.add_index(p)
-    builder.finalize(tmp_prefix + ".idx")
+    """Concatenate indexed datasets in order into <tmp_prefix>.bin/.idx (as megatron-core's builder would)."""
+    writer = IndexedWriter(tmp_prefix + ".bin", dtype)
+    try:
+        for p in prefixes:
+            writer.add_index(p)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.finalize(tmp_prefix + ".idx")
 
 
 def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> dict:

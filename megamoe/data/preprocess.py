@@ -1,19 +1,25 @@
 """Corpus -> Megatron indexed datasets `<prefix>_<key>_document.bin/.idx` (+ a `.json` tokenizer sidecar).
 
-Same flags and output as Megatron-LM's tools/preprocess_data.py, written with megatron-core's
-IndexedDatasetBuilder. Two ways to use several processes, both giving byte-identical output to one:
-- `workers=N`: the main process reads records and writes tokens; N worker processes parse and encode
-  batches of records, results are written in input order.
+Same flags and output as Megatron-LM's tools/preprocess_data.py: the files are byte for byte what
+megatron-core's IndexedDatasetBuilder writes (megamoe.data.indexed.IndexedWriter, with large sequential
+writes). The work is split where it is cheapest to move:
+- the main process reads the input in blocks of whole records (megamoe.data.records: ~256 KB of JSONL or text
+  lines, a whole text file, or rows of a Parquet file or a saved Hugging Face dataset) and writes the tokens;
+- `workers=N` processes each take a block, decode its JSON (orjson), encode all its texts in one batch call
+  of the tokenizer (one thread each), and send back one numpy array of tokens and one of lengths per key (no
+  lists of ints are pickled); the main process writes them in input order. With workers=1 the main process
+  does it all itself.
 - `partitions=P`: the input is cut into P contiguous shards at line boundaries; each shard is read,
   encoded and written to its own .bin/.idx by one worker (up to `workers` at once), and the shards
   are concatenated in order at the end (no tokens travel between processes).
-Bad records (malformed JSON, missing key, non-string value, non-UTF-8 bytes, empty text) are counted,
-the first few reported with file and line, and skipped; `strict=True` stops at the first one instead.
-Everything is written under temporary names and renamed at the end, so a failed run leaves nothing
-under the final names.
+Every way gives byte-identical output. Bad records (malformed JSON, missing key, non-string value, non-UTF-8
+bytes, empty text) are counted, the first few reported with file and line (or row), and skipped; `strict=True`
+stops at the first one instead. Everything is written under temporary names and renamed at the end, so a
+failed run leaves nothing under the final names.
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import sys
@@ -26,32 +32,31 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from megamoe.data.indexed import concatenate, indexed_dataset, optimal_dtype, publish, remove_quietly, write_sidecar
+from megamoe.data.indexed import IndexedWriter, concatenate, optimal_dtype, publish, remove_quietly, write_sidecar
 from megamoe.data.inputs import (
     Range,
     check_keys_for_text,
+    input_kind,
+    input_size,
     is_gzip,
-    is_jsonl,
-    iter_raw,
     line_base,
-    parse_record,
     resolve_inputs,
     split_ranges,
 )
-from megamoe.data.tokenizer import Tokenizer, load_tokenizer
+from megamoe.data.records import Block, parse_block, read_blocks
+from megamoe.data.tokenizer import HuggingFaceTokenizer, Tokenizer, load_tokenizer
 from megamoe.errors import DataError
 from megamoe.logging import get_logger
 
 log = get_logger()
 MAX_EXAMPLES = 5  # bad records reported with file and line
-BATCH_RECORDS, BATCH_BYTES = 512, 1 << 20
 
 
 @dataclass
 class _Job:
-    """What every process needs to encode records (picklable)."""
+    """What every process needs to encode records (picklable: the tokenizer pickles as its model's bytes)."""
 
-    model_proto: bytes
+    tokenizer: Tokenizer
     keys: tuple
     append_eod: bool
     strict: bool
@@ -61,15 +66,15 @@ class _Job:
 
 @dataclass
 class _Result:
-    """Tokens and counts of a batch, a shard, or the whole run."""
+    """Tokens and counts of a block, a shard, or the whole run."""
 
-    tokens: list = field(default_factory=list)  # per key: int32 tokens of the batch's documents
-    lengths: list = field(default_factory=list)  # per key: token count per document
+    tokens: list = field(default_factory=list)  # per key: the block's tokens, one array
+    lengths: list = field(default_factory=list)  # per key: int32 tokens per document
     docs: int = 0
     tokens_per_key: Counter = field(default_factory=Counter)
     bytes: int = 0
     skipped: Counter = field(default_factory=Counter)
-    examples: list = field(default_factory=list)  # (range index, line or None, reason, detail)
+    examples: list = field(default_factory=list)  # (range index, block kind, line / row / None, reason, detail)
     fatal: Optional[tuple] = None  # the first bad record, when strict
 
     def merge_counts(self, other: "_Result") -> None:
@@ -84,113 +89,81 @@ _WORKER: dict = {}
 
 
 def _init_worker(job: _Job, counters=None) -> None:
-    _WORKER.update(job=job, tokenizer=Tokenizer(job.model_proto), counters=counters)
+    if isinstance(job.tokenizer, HuggingFaceTokenizer):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker: --workers is the cores
+    _WORKER.update(job=job, counters=counters)
 
 
-def _encode_batch(batch: list) -> _Result:
-    """Parse and encode a batch of (range index, is_json, line, raw bytes) records."""
-    job, tok = _WORKER["job"], _WORKER["tokenizer"]
-    out = _Result()
-    ids = [[] for _ in job.keys]
-    lengths = [[] for _ in job.keys]
-    for rng, is_json, line, data in batch:
-        out.bytes += len(data)
-        texts, reason, detail = parse_record(data, is_json, job.keys, whole_file=line is None)
-        encoded = []
-        if texts:
-            try:
-                encoded = [tok.sp.encode(t) for t in texts]
-            except RuntimeError:  # sentencepiece cannot take lone surrogates (from JSON \ud8xx escapes)
-                reason, detail = _unencodable(texts)
-        if reason:
-            out.skipped[reason] += 1
-            if len(out.examples) < MAX_EXAMPLES:
-                out.examples.append((rng, line, reason, detail))
-            if job.strict:
-                out.fatal = (rng, line, reason, detail)
-                break
-            continue
-        if not encoded:
-            continue  # a blank line: not a record
-        for k, doc in enumerate(encoded):
-            if job.append_eod:
+def _encode_block(block: Block) -> _Result:
+    """Parse a block's records and encode all its texts in one batch."""
+    job = _WORKER["job"]
+    tok = job.tokenizer
+    out = _Result(bytes=block.nbytes)
+    texts, out.docs, bad = parse_block(block, job.keys)
+    for pos, reason, detail in bad:
+        out.skipped[reason] += 1
+        if len(out.examples) < MAX_EXAMPLES:
+            out.examples.append((block.source, block.kind, pos, reason, detail))
+    if bad and job.strict:
+        out.fatal = (block.source, block.kind) + bad[0]
+        return out
+    ids = tok.encode_batch(texts) if texts else []
+    keys = len(job.keys)
+    for k, key in enumerate(job.keys):
+        docs = ids[k::keys] if keys > 1 else ids
+        if job.append_eod:
+            for doc in docs:
                 doc.append(tok.eod)
-            ids[k].extend(doc)
-            lengths[k].append(len(doc))
-            out.tokens_per_key[job.keys[k]] += len(doc)
-        out.docs += 1
-    out.tokens = [np.array(x, dtype=job.dtype) for x in ids]
-    out.lengths = lengths
+        lengths = np.fromiter(map(len, docs), dtype=np.int32, count=len(docs))
+        total = int(lengths.sum(dtype=np.int64))
+        out.tokens.append(np.fromiter(itertools.chain.from_iterable(docs), dtype=job.dtype, count=total))
+        out.lengths.append(lengths)
+        out.tokens_per_key[key] += total
     return out
 
 
-def _unencodable(texts: list) -> tuple:
-    for t in texts:
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError as e:
-            return "not_utf8", f"text is not valid Unicode ({e.reason} at character {e.start})"
-    raise  # not an encoding problem: let the caller's error through
-
-
-def _batches(ranges: Sequence[Range], text_mode: str):
-    batch, size = [], 0
-    for i, rng in enumerate(ranges):
-        is_json = is_jsonl(rng.path)
-        for line, data in iter_raw(rng, text_mode):
-            batch.append((i, is_json, line, data))
-            size += len(data)
-            if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
-
-
 class _Writer:
-    """One megatron-core IndexedDatasetBuilder per JSON key, at temporary prefixes."""
+    """One IndexedWriter per JSON key, at temporary prefixes."""
 
     def __init__(self, prefixes: Sequence[str], dtype):
-        builder = indexed_dataset.IndexedDatasetBuilder
         self.prefixes = list(prefixes)
-        self.builders = [builder(p + ".bin", dtype=dtype) for p in self.prefixes]
+        self.writers = [IndexedWriter(p + ".bin", dtype) for p in self.prefixes]
 
     def add(self, result: _Result) -> None:
-        for builder, tokens, lengths in zip(self.builders, result.tokens, result.lengths):
-            offset = 0
-            for n in lengths:
-                builder.add_document(tokens[offset:offset + n], [n])
-                offset += n
+        for writer, tokens, lengths in zip(self.writers, result.tokens, result.lengths):
+            writer.add_documents(tokens, lengths)
 
     def finalize(self) -> None:
-        for builder, prefix in zip(self.builders, self.prefixes):
-            builder.finalize(prefix + ".idx")
+        for writer, prefix in zip(self.writers, self.prefixes):
+            writer.finalize(prefix + ".idx")
 
     def abort(self) -> None:
-        for builder in self.builders:
-            builder.data_file.close()  # the caller removes the temporary files
+        for writer in self.writers:
+            writer.abort()
 
 
-def _where(ranges: Sequence[Range], rng: int, line: Optional[int], bases: dict) -> str:
+def _where(ranges: Sequence[Range], rng: int, kind: str, pos: Optional[int], bases: dict) -> str:
     r = ranges[rng]
-    if line is None:
+    if pos is None:
         return r.path
+    if kind == "rows":
+        return f"{r.path}:row {pos}"
     if rng not in bases:
         bases[rng] = line_base(r)
-    return f"{r.path}:{bases[rng] + line}"
+    return f"{r.path}:{bases[rng] + pos}"
 
 
 def _fatal_error(ranges, fatal, bases) -> DataError:
-    rng, line, reason, detail = fatal
-    return DataError(f"{_where(ranges, rng, line, bases)}: {reason}: {detail}; fix or remove the record, "
+    rng, kind, pos, reason, detail = fatal
+    return DataError(f"{_where(ranges, rng, kind, pos, bases)}: {reason}: {detail}; fix or remove the record, "
                      "or run without --strict to skip bad records")
 
 
 def _finish(result: _Result, ranges: Sequence[Range]) -> _Result:
     """Turn (range, line) of examples into 'file:line' strings."""
     bases: dict = {}
-    result.examples = [f"{_where(ranges, r, ln, bases)}: {reason}: {detail}"
-                       for r, ln, reason, detail in result.examples]
+    result.examples = [f"{_where(ranges, r, kind, pos, bases)}: {reason}: {detail}"
+                       for r, kind, pos, reason, detail in result.examples]
     return result
 
 
@@ -238,16 +211,17 @@ def _run_stream(ranges, job: _Job, out_prefixes, workers: int, progress: Optiona
             progress.show(total.docs, total.bytes)
 
     try:
+        blocks = read_blocks(ranges, job.keys, job.text_mode)
         if workers <= 1:
-            if not _WORKER or _WORKER["job"] is not job:
+            if _WORKER.get("job") is not job:
                 _init_worker(job)
-            for batch in _batches(ranges, job.text_mode):
-                consume(_encode_batch(batch))
+            for block in blocks:
+                consume(_encode_block(block))
         else:
             with _context().Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
                 pending: deque = deque()  # a bounded window keeps memory flat and the output in order
-                for batch in _batches(ranges, job.text_mode):
-                    pending.append(pool.apply_async(_encode_batch, (batch,)))
+                for block in blocks:
+                    pending.append(pool.apply_async(_encode_block, (block,)))
                     if len(pending) >= 4 * workers:
                         consume(pending.popleft().get())
                 while pending:
@@ -297,11 +271,13 @@ def _run_partitions(shards, job: _Job, tmp_prefixes, workers: int, progress: _Pr
 def preprocess(inputs: Sequence[str] | str, tokenizer_model: str, output_prefix: str,
                json_keys: Sequence[str] = ("text",), append_eod: bool = False, workers: int = 1,
                partitions: int = 1, strict: bool = False, log_interval: int = 10000, text_mode: str = "file",
-               progress: bool = True) -> dict:
-    """Tokenize the inputs (JSONL, text files, folders, globs, .gz) into `<output_prefix>_<key>_document`
-    .bin/.idx/.json for each JSON key; returns stats: documents, tokens, tokens_per_key, skipped (by
-    reason), examples (first bad records as 'file:line: reason: detail'), bytes, seconds, docs_per_s,
-    mb_per_s, outputs (key -> prefix)."""
+               progress: bool = True, tokenizer_type: Optional[str] = None) -> dict:
+    """Tokenize the inputs (JSONL, text files, folders, globs, .gz, Parquet files, saved Hugging Face datasets)
+    into `<output_prefix>_<key>_document` .bin/.idx/.json for each JSON key (column); `tokenizer_model` is a
+    sentencepiece .model or a Hugging Face tokenizer folder (`tokenizer_type` as load_tokenizer takes it).
+    Returns stats: documents, tokens, tokens_per_key, skipped (by reason), examples (first bad records as
+    'file:line: reason: detail', 'file:row N: ...' for rows), bytes, seconds, docs_per_s, mb_per_s, outputs
+    (key -> prefix)."""
     start = time.perf_counter()
     keys = tuple(json_keys)
     if not keys or len(set(keys)) != len(keys):
@@ -310,15 +286,16 @@ def preprocess(inputs: Sequence[str] | str, tokenizer_model: str, output_prefix:
         raise DataError(f"--workers {workers} and --partitions {partitions} must be >= 1")
     files = resolve_inputs(inputs)
     check_keys_for_text(files, keys, text_mode)
-    tokenizer = load_tokenizer(tokenizer_model)
-    job = _Job(tokenizer._proto, keys, append_eod, strict, text_mode, optimal_dtype(tokenizer.vocab_size))
+    tokenizer = load_tokenizer(tokenizer_model, tokenizer_type)
+    job = _Job(tokenizer, keys, append_eod, strict, text_mode, optimal_dtype(tokenizer.vocab_size))
     outputs = {k: f"{output_prefix}_{k}_document" for k in keys}
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp_prefixes = [f"{outputs[k]}.{tag}" for k in keys]
     temps = [p + ext for p in tmp_prefixes for ext in (".bin", ".idx", ".json")]
     shards = split_ranges(files, partitions, text_mode) if partitions > 1 else [[Range(f) for f in files]]
-    total_bytes = None if any(is_gzip(f) for f in files) else sum(os.path.getsize(f) for f in files)
+    streamed = any(is_gzip(f) or input_kind(f) in ("parquet", "hf_dataset") for f in files)
+    total_bytes = None if streamed else sum(input_size(f) for f in files)
     bar = _Progress(total_bytes, log_interval, progress)
     try:
         if len(shards) > 1:

@@ -24,7 +24,8 @@ import torch
 from megamoe.config import parse_data_path
 from megamoe.data.datasets import split_document_ranges
 from megamoe.data.indexed import check_indexed_dataset, check_tokenizer_matches, indexed_dataset
-from megamoe.data.inputs import check_keys_for_text, iter_texts, resolve_inputs
+from megamoe.data.inputs import check_keys_for_text, resolve_inputs
+from megamoe.data.records import iter_texts
 from megamoe.errors import DataError
 from megamoe.model import moe_capacity
 

@@ -34,18 +34,21 @@ def available_bytes(device: torch.device) -> Optional[int]:
         return None
 
 
-def checkpoint_tokenizer(cfg, tokenizer_model: Optional[str] = None, required: bool = True):
-    """The tokenizer `tokenizer_model` names, else the one the checkpoint's config names. DataError when it is
-    missing (None instead when not `required` and none was asked for) or larger than the model's vocabulary."""
+def checkpoint_tokenizer(cfg, tokenizer_model: Optional[str] = None, required: bool = True,
+                         tokenizer_type: Optional[str] = None):
+    """The tokenizer `tokenizer_model` names (of `tokenizer_type`, else told by the path), else the one the
+    checkpoint's config names (with its data.tokenizer_type). DataError when it is missing (None instead when not
+    `required` and none was asked for) or larger than the model's vocabulary."""
     named = tokenizer_model or cfg.data.tokenizer_model
-    if not tokenizer_model and not (named and os.path.isfile(named)):
+    kind = tokenizer_type if tokenizer_model else tokenizer_type or cfg.data.tokenizer_type
+    if not tokenizer_model and not (named and os.path.exists(named)):
         if not required:
             return None
         if not named:
             raise DataError("the checkpoint's config names no tokenizer (trained on mock data?); pass "
                             "--tokenizer-model PATH")
         raise DataError(f"the checkpoint's tokenizer {named} does not exist here; pass --tokenizer-model PATH")
-    tokenizer = load_tokenizer(named)
+    tokenizer = load_tokenizer(named, kind)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise DataError(f"the tokenizer {named} has {tokenizer.vocab_size} pieces, more than the model's vocabulary "
                         f"of {cfg.model.vocab_size}: it is not the tokenizer the model was trained with")

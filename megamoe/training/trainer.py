@@ -143,7 +143,9 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config, topo, started: float) -> dict:
     set_seed(cfg.training.seed)
     load = _resume_from(cfg)
-    tokenizer = None if cfg.data.mock and not cfg.data.tokenizer_model else load_tokenizer(cfg.data.tokenizer_model)
+    tokenizer = None
+    if cfg.data.tokenizer_model or not cfg.data.mock:  # sentencepiece or Hugging Face, as data.tokenizer_type says
+        tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)
     if not cfg.data.mock:  # damaged files or a mismatched tokenizer fail before the model is built
         for prefix in cfg.data.prefixes():
             check_indexed_dataset(prefix)

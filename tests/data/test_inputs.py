@@ -1,4 +1,5 @@
-"""Reading corpora: input resolution, record parsing, and byte-range shards that read back in order."""
+"""Reading corpora: input resolution, record parsing, byte-range shards that read back in order, and the blocks
+the preprocessing workers take."""
 import gzip
 import json
 
@@ -6,6 +7,7 @@ import pytest
 
 from megamoe.data import DataError, resolve_inputs
 from megamoe.data.inputs import Range, iter_raw, line_base, parse_record, split_ranges
+from megamoe.data.records import parse_block, read_blocks
 
 
 @pytest.fixture
@@ -67,3 +69,38 @@ def test_resolve_inputs(files, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no files found"):
         resolve_inputs([str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize("block_bytes", [1, 7, 100, 1 << 20])
+@pytest.mark.parametrize("parts", [1, 3, 7])
+def test_blocks_hold_exactly_the_lines_of_their_range(files, tmp_path, parts, block_bytes):
+    """read_blocks cuts whole lines (a line longer than a block included) and keeps the ranges' lines."""
+    long_line = tmp_path / "long.jsonl"  # lines far longer than the small blocks, and no final newline
+    long_line.write_text("\n".join(json.dumps({"text": "y" * n}) for n in (300, 0, 5000, 2)))
+    paths = files + [str(long_line)]
+    for shard in split_ranges(paths, parts):
+        for i, rng in enumerate(shard):
+            want = [(line, data) for line, data in iter_raw(rng)]
+            got = []
+            for block in read_blocks([rng], ("text",), block_bytes=block_bytes):
+                assert block.source == 0 and block.nbytes == len(block.data)
+                if block.kind == "file":
+                    got.append((None, block.data))
+                    continue
+                lines = block.data.split(b"\n")
+                got += [(block.first + k, line + b"\n") for k, line in enumerate(lines[:-1])]
+                if lines[-1]:
+                    got.append((block.first + len(lines) - 1, lines[-1]))
+            assert got == want, (rng, block_bytes)
+
+
+def test_parse_block_agrees_with_parse_record(tmp_path):
+    lines = [b'{"text": "a"}', b"", b"{bad", b'{"text": "\\ud800"}', b'{"text": 3}', b"  ", b'{"text": "b"}']
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    (block,) = read_blocks([Range(str(path))], ("text",))
+    texts, good, bad = parse_block(block, ("text",))
+    verdicts = [(n, parse_record(line, True, ("text",))) for n, line in enumerate(lines, 1)]
+    assert texts == ["a", "b"] and good == 2
+    assert bad == [(n, reason, detail) for n, (_, reason, detail) in verdicts if reason]
+    assert [b[1] for b in bad] == ["malformed_json", "not_utf8", "not_a_string"]

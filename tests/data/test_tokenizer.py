@@ -1,11 +1,19 @@
-"""sentencepiece training from JSONL / text / folders / globs / .gz, and the Tokenizer the datasets use."""
+"""sentencepiece training from JSONL / text / folders / globs / .gz; the Tokenizer the datasets use, with its two
+backends (sentencepiece, Hugging Face tokenizers)."""
 import gzip
 import json
 import pickle
 
 import pytest
 
-from megamoe.data import DataError, Tokenizer, load_tokenizer, train_tokenizer, write_default_corpus
+from megamoe.data import (
+    DataError,
+    HuggingFaceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+    write_default_corpus,
+)
 from megamoe.data.tokenizer import EOS_ID, PAD_ID
 
 CODE = "class A:\n    def f(self, x):\n\t\treturn x  # café, naïve, 東京 🚀\n\n\n        pass\n"
@@ -93,3 +101,64 @@ def test_errors_name_the_file_and_the_fix(tmp_path, corpus):
     with pytest.raises(DataError, match="no such file"):
         train_tokenizer([str(tmp_path / "nope.jsonl")], str(tmp_path / "x"), 400)
     assert not (tmp_path / "big.model").exists()
+
+
+# Hugging Face tokenizers: a byte-level BPE trained here with the `tokenizers` library (GPT-2's kind)
+@pytest.fixture(scope="module")
+def hf_folder(corpus, tmp_path_factory):
+    from tests.conftest import train_hf_tokenizer
+    return train_hf_tokenizer(corpus, str(tmp_path_factory.mktemp("hf") / "tok"), 600)
+
+
+def test_hf_tokenizer_round_trips_pickles_and_names_its_eod(hf_folder, tokenizer_model):
+    import tokenizers
+    tok = load_tokenizer(hf_folder)  # a folder: told by the path
+    assert isinstance(tok, HuggingFaceTokenizer) and tok.type_name == "HuggingFaceTokenizer"
+    plain = tokenizers.Tokenizer.from_file(f"{hf_folder}/tokenizer.json")
+    assert tok.vocab_size == 600 and tok.eod == plain.token_to_id("<|endoftext|>") == 0 and tok.pad == -1
+    ids = tok.encode(CODE)
+    assert ids == plain.encode(CODE).ids and tok.decode(ids) == CODE and tok.eod not in ids
+    assert tok.encode_batch([CODE, "x = 1\n"]) == [ids, tok.encode("x = 1\n")]
+    again = pickle.loads(pickle.dumps(tok))
+    assert isinstance(again, Tokenizer) and again.encode(CODE) == ids and again.fingerprint == tok.fingerprint
+    for other in (load_tokenizer(f"{hf_folder}/tokenizer.json"), load_tokenizer(hf_folder, "HuggingFaceTokenizer")):
+        assert other.fingerprint == tok.fingerprint and other.eod == tok.eod
+    assert tok.fingerprint != load_tokenizer(tokenizer_model).fingerprint
+    assert tok.unique_identifiers == {"class": "HuggingFaceTokenizer", "fingerprint": tok.fingerprint,
+                                      "vocab_size": 600, "eod": 0, "pad": -1}
+    assert load_tokenizer(tokenizer_model).unique_identifiers["class"] == "SentencePieceTokenizer"
+
+
+def test_hf_eod_and_pad_from_the_files_beside_tokenizer_json(hf_folder, tmp_path):
+    data = open(f"{hf_folder}/tokenizer.json", "rb").read()
+    bare = tmp_path / "bare"  # no config: a usual end-of-text token of the vocabulary
+    bare.mkdir()
+    (bare / "tokenizer.json").write_bytes(data)
+    assert load_tokenizer(str(bare)).eod == 0
+    by_id = tmp_path / "by_id"  # config.json's eos_token_id (a list, as Llama 3's generation config has)
+    by_id.mkdir()
+    (by_id / "tokenizer.json").write_bytes(data)
+    (by_id / "config.json").write_text(json.dumps({"eos_token_id": [7, 8]}))
+    (by_id / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "<|endoftext|>"}}))
+    tok = load_tokenizer(str(by_id))
+    assert tok.eod == 7 and tok.pad == 0
+    assert tok.fingerprint != load_tokenizer(str(bare)).fingerprint  # the EOD is part of the encoding
+    none = tmp_path / "none"  # no eos anywhere
+    none.mkdir()
+    (none / "tokenizer.json").write_bytes(data.replace(b"<|endoftext|>", b"<|special|>"))
+    with pytest.raises(DataError, match="no end-of-document token.*tokenizer_config.json"):
+        load_tokenizer(str(none))
+
+
+def test_hf_tokenizer_errors(hf_folder, tokenizer_model, tmp_path):
+    with pytest.raises(DataError, match="has no tokenizer.json"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    with pytest.raises(DataError, match="is not a Hugging Face tokenizer"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(DataError, match="is a folder, not a sentencepiece .model"):
+        load_tokenizer(hf_folder, "GPTSentencePieceTokenizer")
+    with pytest.raises(DataError, match="--tokenizer-type GPT2BPETokenizer: use one of"):
+        load_tokenizer(hf_folder, "GPT2BPETokenizer")
+    with pytest.raises(DataError, match="is not a Hugging Face tokenizer"):
+        load_tokenizer(tokenizer_model, "HuggingFaceTokenizer")  # a sentencepiece file named as Hugging Face's
