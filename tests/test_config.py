@@ -155,7 +155,8 @@ def test_help_config_lists_every_key_with_its_default_alias_and_meaning():
     from megamoe.config import all_keys, describe_keys
     text = describe_keys()
     assert all(f"--{key} = " in text for key in all_keys(Config()))
-    assert "  --model.capacity_factor = 1.0  # <= 0: no capacity limit (no dropping)" in text.splitlines()
+    assert ("  --model.capacity_factor = 1.0  (alias --moe-expert-capacity-factor)  # None or <= 0: no capacity "
+            "limit (dropless)") in text.splitlines()
     assert "--parallel.tensor_model_parallel_size = 1  (alias --tensor-model-parallel-size)" in text
     assert "training: Steps, batch sizes, precision" in text
 

@@ -11,6 +11,10 @@ from megamoe.errors import ConfigError
 
 MAMBA_MOE_PROJECTIONS = ("conv", "gate", "output")
 EXPERT_ACTIVATIONS = ("gelu", "relu", "swiglu")
+ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+ROUTER_TYPES = ("token_choice", "expert_choice")
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+TOKEN_DROP_POLICIES = ("position", "probs")
 
 
 def mamba_d_inner(d_model: int, expand: int, d_inner: Optional[int] = None) -> int:
@@ -43,18 +47,41 @@ class ModelConfig:
     dt_init_floor: float = option(1e-4, "Mamba: initial dt is at least this")
     conv_bias: bool = option(True, "Mamba: bias in the depthwise convolution")
     proj_bias: bool = option(False, "Mamba: biases in in_proj and out_proj")
-    # Switch MoE
+    # Switch MoE (the paper's defaults) and megatron-core's routing options (docs/moe_routing.md)
     num_experts: int = option(8, "Switch MoE: experts per MoE layer")
-    d_expert: Optional[int] = option(None, "None: 3 x d_model")
+    d_expert: Optional[int] = option(None, "None: 3 x d_model (small values and many experts: fine-grained)")
     top_k: int = option(1, "Switch MoE: experts per token (Switch: 1)")
-    capacity_factor: float = option(1.0, "<= 0: no capacity limit (no dropping)")
+    capacity_factor: Optional[float] = option(1.0, "None or <= 0: no capacity limit (dropless)")
+    token_drop_policy: str = option("position", "over capacity, drop an expert's latest assignments (position: "
+                                                "first choices before second, in token order) or its lowest-"
+                                                "weighted ones (probs)")
     load_balancing_weight: float = option(0.01, "weight of Switch's load-balancing loss (alpha)")
     z_loss_weight: float = option(0.0, "weight of the router z-loss (0: off)")
+    router_load_balancing_type: str = option("aux_loss", "aux_loss (per micro-batch), seq_aux_loss (per "
+                                                         "sequence), global_aux_loss (expert fractions of the "
+                                                         "global batch), none")
+    router_score_function: str = option("softmax", "softmax | sigmoid")
+    router_pre_softmax: bool = option(True, "scores over all experts, then top-k (Switch); false: top-k of the "
+                                            "logits, then softmax over the chosen (Megatron's default)")
+    router_renormalize: Optional[bool] = option(None, "the chosen experts' weights divided by their sum; None: "
+                                                      "Megatron's rule (sigmoid with top-k > 1 only)")
+    router_type: str = option("token_choice", "token_choice | expert_choice (each expert takes its top tokens of "
+                                              "the micro-batch: not causal, training studies only)")
+    router_enable_expert_bias: bool = option(False, "aux-loss-free balancing: a per-expert bias on the scores "
+                                                    "for choosing, updated after each step from the global "
+                                                    "batch's loads")
+    router_bias_update_rate: float = option(1e-3, "what the expert bias moves by per step (DeepSeek-V3's 1e-3)")
+    router_force_load_balancing: bool = option(False, "ignore the router's choice and deal tokens evenly over the "
+                                                      "experts (throughput and memory planning)")
+    shared_expert_intermediate_size: Optional[int] = option(None, "width of a dense shared expert every token "
+                                                                  "of an E block goes through; None: none")
     expert_activation: str = option("gelu", "gelu | relu | swiglu (experts and dense FFNs)")
     # Paper variants
     parallel_moe: bool = option(False, "Parallel MoE-Mamba: Mamba and MoE read the same normed input")
     mamba_moe_projections: list = option(help="subset of conv, gate, output", factory=list)
     mamba_moe_every: int = option(1, "1: every Mamba layer, 2: every other one")
+    mamba_moe_dense_fallback: bool = option(False, "MoE projections: a token none of whose experts kept it goes "
+                                                   "through a dense projection of the same shape (else it gets 0)")
     # Attention / dense FFN (baselines)
     num_heads: int = option(8, "attention heads")
     d_ffn: Optional[int] = option(None, "None: 4 x d_model")
@@ -99,8 +126,7 @@ class ModelConfig:
         for name in ("d_model", "d_state", "d_conv", "expand", "num_experts", "num_heads", "top_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 1")
-        if self.top_k > self.num_experts:
-            raise ConfigError(f"model.top_k={self.top_k} exceeds model.num_experts={self.num_experts}")
+        self._validate_moe()
         if "A" in self.pattern and self.d_model % self.num_heads:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.num_heads="
                               f"{self.num_heads}; pick num_heads that divides d_model")
@@ -115,3 +141,52 @@ class ModelConfig:
         if self.mamba_moe_every not in (1, 2):
             raise ConfigError(f"model.mamba_moe_every={self.mamba_moe_every}: use 1 (every Mamba layer) "
                               "or 2 (every other one)")
+
+    @property
+    def has_moe(self) -> bool:
+        return "E" in self.pattern or bool(self.mamba_moe_projections)
+
+    def _validate_moe(self) -> None:
+        """The routing options, in Megatron's flag names, each mistake one line with its fix."""
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"--moe-router-topk {self.top_k} exceeds --num-experts {self.num_experts}; "
+                              "choose top-k <= the number of experts")
+        for key, value, choices in (("router_score_function", self.router_score_function, ROUTER_SCORE_FUNCTIONS),
+                                    ("router_type", self.router_type, ROUTER_TYPES),
+                                    ("router_load_balancing_type", self.router_load_balancing_type,
+                                     LOAD_BALANCING_TYPES),
+                                    ("token_drop_policy", self.token_drop_policy, TOKEN_DROP_POLICIES)):
+            if value not in choices:
+                raise ConfigError(f"model.{key}={value!r}: use {' | '.join(choices)}")
+        for key in ("load_balancing_weight", "z_loss_weight", "router_bias_update_rate"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 0")
+        if self.top_k == 1 and self.router_score_function == "softmax" and not self.router_pre_softmax:
+            raise ConfigError("a softmax over one chosen expert is always 1 and trains no router: keep "
+                              "--moe-router-pre-softmax with --moe-router-topk 1 (Megatron's rule)")
+        if self.router_type == "expert_choice":
+            if self.router_enable_expert_bias:
+                raise ConfigError("--moe-router-enable-expert-bias balances token-choice routing; expert choice is "
+                                  "balanced by construction: drop one of them")
+            if self.router_force_load_balancing:
+                raise ConfigError("--moe-router-force-load-balancing replaces the router's choice; it does not "
+                                  "combine with model.router_type=expert_choice")
+            if self.router_load_balancing_type != "none":
+                raise ConfigError("expert choice gives every expert the same load: set "
+                                  "--moe-router-load-balancing-type none with model.router_type=expert_choice")
+            if not self.capacity_factor or self.capacity_factor <= 0:
+                raise ConfigError("expert choice needs a capacity (tokens each expert takes): set "
+                                  "--moe-expert-capacity-factor > 0")
+        if self.router_enable_expert_bias and self.router_force_load_balancing:
+            raise ConfigError("--moe-router-force-load-balancing ignores the router, so the expert bias would "
+                              "do nothing: drop one of them")
+        if self.shared_expert_intermediate_size is not None:
+            if self.shared_expert_intermediate_size < 1:
+                raise ConfigError(f"--moe-shared-expert-intermediate-size {self.shared_expert_intermediate_size} "
+                                  "must be >= 1 (unset it for no shared expert)")
+            if "E" not in self.pattern:
+                raise ConfigError("--moe-shared-expert-intermediate-size adds a shared expert to E blocks, and "
+                                  f"model.pattern={self.pattern!r} has none")
+        if self.mamba_moe_dense_fallback and not self.mamba_moe_projections:
+            raise ConfigError("model.mamba_moe_dense_fallback is for MoE projections: set "
+                              "model.mamba_moe_projections too")

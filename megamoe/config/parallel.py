@@ -94,7 +94,11 @@ class ParallelConfig:
         if tp > 1 and model.mamba_moe_projections:
             raise ConfigError("model.mamba_moe_projections (MoE inside the Mamba projections) needs "
                               "--tensor-model-parallel-size 1; use --expert-model-parallel-size to spread experts")
-        has_moe = "E" in model.pattern or model.mamba_moe_projections
+        shared = model.shared_expert_intermediate_size
+        if "E" in model.pattern and shared is not None and shared % tp:
+            raise ConfigError(f"--moe-shared-expert-intermediate-size {shared} is not divisible by "
+                              f"--tensor-model-parallel-size {tp}; the shared expert splits over TP like an FFN")
+        has_moe = model.has_moe
         if has_moe and model.num_experts % ep:
             divisors = [d for d in range(1, model.num_experts + 1) if model.num_experts % d == 0]
             raise ConfigError(

@@ -136,6 +136,8 @@ class LoggingConfig:
                                                 "(rank 0; pip install megamoe[wandb]); None: no W&B")
     wandb_exp_name: Optional[str] = option(None, "the W&B run's name (None: W&B picks one)")
     wandb_save_dir: Optional[str] = option(None, "where W&B keeps its files; None: <log_dir>/wandb")
+    moe_per_layer_logging: bool = option(False, "each MoE layer's tokens per expert, dropped fraction, max/mean "
+                                                "load and router entropy (every stage and expert rank)")
 
 
 @dataclass
