@@ -25,6 +25,7 @@ from megamoe.config import ModelConfig, block_kinds
 from megamoe.model.attention import Attention, FeedForward
 from megamoe.model.mamba import MambaMixer
 from megamoe.model.moe import SwitchMoE
+from megamoe.model.router import Routing
 from megamoe.ops.seq_idx import check_seq_idx
 
 
@@ -45,13 +46,22 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.d_model, cfg.norm_eps)
 
 
+def routing_of(cfg: ModelConfig) -> Routing:
+    """The model config's router_* keys as the MoE layers' Routing."""
+    return Routing(cfg.router_score_function, cfg.router_pre_softmax, cfg.router_renormalize, cfg.router_type,
+                   cfg.router_load_balancing_type, cfg.token_drop_policy, cfg.router_force_load_balancing)
+
+
 def make_moe(cfg: ModelConfig, d_in: Optional[int] = None, d_out: Optional[int] = None) -> SwitchMoE:
-    """The Switch MoE of an E block, or (with d_in/d_out) one of linear experts replacing a Mamba projection."""
+    """The Switch MoE of an E block (with the shared expert, if any), or (with d_in/d_out) one of linear experts
+    replacing a Mamba projection (with the dense fallback, if asked)."""
     linear = d_in is not None
     return SwitchMoE(d_in or cfg.d_model, cfg.num_experts, cfg.resolved_d_expert, top_k=cfg.top_k,
                      capacity_factor=cfg.capacity_factor, load_balancing_weight=cfg.load_balancing_weight,
                      z_loss_weight=cfg.z_loss_weight, activation="linear" if linear else cfg.expert_activation,
-                     d_out=d_out)
+                     d_out=d_out, routing=routing_of(cfg), expert_bias=cfg.router_enable_expert_bias,
+                     shared_expert_size=None if linear else cfg.shared_expert_intermediate_size,
+                     dense_fallback=linear and cfg.mamba_moe_dense_fallback)
 
 
 def make_mamba(cfg: ModelConfig, mamba_index: int) -> MambaMixer:
@@ -144,7 +154,8 @@ class LMOutput:
 
 def moe_summary(moes: list) -> tuple:
     """(aux loss, z loss, stats) of these MoE layers' last forward, detached, on CPU. stats (None without MoE
-    layers): tokens_per_expert (layers, E), dropped and assignments (counts), fraction_dropped."""
+    layers): tokens_per_expert (layers, E), dropped and assignments (counts), fraction_dropped, and per layer
+    its name (`layers`) and RoutingStats.row (`rows`, (layers, E + 4))."""
     zero = torch.zeros(())
     aux = sum((m.last_aux_loss.float().cpu() for m in moes if m.last_aux_loss is not None), zero)
     z = sum((m.last_z_loss.float().cpu() for m in moes if m.last_z_loss is not None), zero)
@@ -153,22 +164,30 @@ def moe_summary(moes: list) -> tuple:
     dropped = sum(m.last_stats.dropped for m in moes)
     assignments = sum(m.last_stats.assignments for m in moes)
     stats = dict(tokens_per_expert=torch.stack([m.last_stats.tokens_per_expert.cpu() for m in moes]),
-                 dropped=dropped, assignments=assignments, fraction_dropped=dropped / max(1, assignments))
+                 dropped=dropped, assignments=assignments, fraction_dropped=dropped / max(1, assignments),
+                 layers=[m.layer_name for m in moes], rows=torch.stack([m.last_stats.row() for m in moes]))
     return aux, z, stats
 
 
 class MoETotals:
-    """Running sums, over a step's micro-batches, of what moe_summary reports: for logging."""
+    """Running sums, over a step's micro-batches, of what moe_summary reports: the aux and z losses, and a table
+    with one row per MoE layer of the whole model (`layer_names`), RoutingStats.row's columns."""
 
-    def __init__(self, num_experts: int):
-        self.sums = torch.zeros(4, dtype=torch.float64)  # aux loss, z loss, dropped, assignments
-        self.tokens_per_expert = torch.zeros(num_experts, dtype=torch.float64)
+    def __init__(self, layer_names: list, num_experts: int):
+        self.row_of = {name: i for i, name in enumerate(layer_names)}
+        self.losses = torch.zeros(2, dtype=torch.float64)  # aux loss, z loss
+        self.table = torch.zeros(len(layer_names), num_experts + 4, dtype=torch.float64)
 
     def add(self, aux: torch.Tensor, z: torch.Tensor, stats: Optional[dict]) -> None:
-        counts = (stats["dropped"], stats["assignments"]) if stats else (0, 0)
-        self.sums += torch.tensor([float(aux), float(z), *counts], dtype=torch.float64)
+        self.losses += torch.tensor([float(aux), float(z)], dtype=torch.float64)
         if stats:
-            self.tokens_per_expert += stats["tokens_per_expert"].sum(0).double()
+            for name, row in zip(stats["layers"], stats["rows"]):
+                self.table[self.row_of[name]] += row
+
+
+def moe_layer_names(cfg: ModelConfig) -> list:
+    """The names of the model's MoE layers in order (layers.1.moe, layers.0.mixer.out_proj, ...)."""
+    return [m.layer_name for m in meta_model(cfg).moe_layers()]
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -207,6 +226,9 @@ class MambaLM(nn.Module):
         for i in blocks:
             with seeded(seed, f"layers.{i}"):
                 block = Block(kinds[i], cfg, mamba_index[i])
+            for name, module in block.named_modules():
+                if isinstance(module, SwitchMoE):
+                    module.layer_name = f"layers.{i}.{name}"
             self.layers[str(i)] = block_hook(block) if block_hook else block
         if post_process:
             self.norm_f = make_norm(cfg)

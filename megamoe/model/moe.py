@@ -8,6 +8,9 @@
 
 Capacity is counted over the tokens this module sees in one call (one micro-batch of one data-parallel rank,
 as Switch counts per device), in token order: the first `capacity` tokens routed to an expert are kept.
+megatron-core's routing options (top-k, sigmoid scores, the expert bias, expert choice, per-sequence and
+global-batch losses, dropping by probability, shared experts) are `Routing` and router.py's; a dropped token of
+an MoE projection gets 0 there, or with `dense_fallback` a dense projection of the same shape.
 
 The flow is megatron-core's: route -> permute (sort by expert) -> dispatcher.exchange -> experts ->
 dispatcher.exchange back -> unpermute and weight. `LocalDispatcher` keeps every expert here; expert
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,7 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megamoe.model.attention import activate
+from megamoe.model.attention import FeedForward, activate
+from megamoe.model.router import (
+    Routing,
+    SwitchRouter,
+    capacity,
+    entropy_sum,
+    expert_choice,
+    global_load_balancing_loss,
+    load_balancing_loss,
+    router_scores,
+    sequence_load_balancing_loss,
+    token_choice,
+)
 
 
 class _AuxLossInjector(torch.autograd.Function):
@@ -65,33 +79,6 @@ def aux_loss_scale(scale: float):
         yield
     finally:
         _AuxLossInjector.scale = previous
-
-
-def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Switch's N * sum_i f_i * P_i (unweighted). probs (tokens, E) fp32; expert_index (tokens, k)."""
-    counts = torch.bincount(expert_index.flatten(), minlength=num_experts).to(probs.dtype)
-    f = counts / expert_index.numel()
-    return num_experts * torch.sum(f * probs.mean(0))
-
-
-def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Tokens each expert may take; capacity_factor <= 0 means no limit."""
-    if capacity_factor <= 0:
-        return num_tokens * top_k
-    return max(1, math.ceil(num_tokens * top_k / num_experts * capacity_factor))
-
-
-class SwitchRouter(nn.Module):
-    """Linear router computed in float32 (Switch's selective precision)."""
-
-    def __init__(self, d_model: int, num_experts: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
-        nn.init.normal_(self.weight, std=0.02)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), self.weight.float())
 
 
 def grouped_gemm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -202,8 +189,15 @@ class LocalDispatcher:
 @dataclass
 class RoutingStats:
     tokens_per_expert: torch.Tensor  # (E,) assignments before dropping
-    dropped: int
-    assignments: int
+    dropped: int  # assignments over capacity (expert choice: tokens no expert took)
+    assignments: int  # (expert choice: tokens)
+    entropy: torch.Tensor  # the router entropy summed over tokens
+    tokens: int
+
+    def row(self) -> torch.Tensor:
+        """tokens per expert, dropped, assignments, entropy sum, tokens: one float64 row (MoE totals)."""
+        rest = torch.tensor([self.dropped, self.assignments, float(self.entropy), self.tokens], dtype=torch.float64)
+        return torch.cat([self.tokens_per_expert.detach().double().cpu(), rest])
 
 
 @contextlib.contextmanager
@@ -222,46 +216,92 @@ def moe_capacity(model: nn.Module, capacity_factor: Optional[float]):
 
 
 class SwitchMoE(nn.Module):
-    """Switch MoE layer; (batch, L, d_in) -> (batch, L, d_out). Sets `last_aux_loss`, `last_z_loss`, `last_stats`."""
+    """Switch MoE layer; (batch, L, d_in) -> (batch, L, d_out). Sets `last_aux_loss`, `last_z_loss`, `last_stats`.
+
+    routing: how experts are chosen (Routing; Switch's by default). expert_bias: a bias buffer for aux-loss-free
+    balancing (SwitchRouter). shared_expert_size: a dense expert of that width beside the routed ones, every token
+    through it. dense_fallback: tokens none of whose experts kept them get a dense linear d_in -> d_out.
+    `global_counts` (E,), when the training step sets it, are the global batch's assignments for global_aux_loss.
+    """
 
     def __init__(self, d_model: int, num_experts: int, d_expert: int, top_k: int = 1,
-                 capacity_factor: float = 1.0, load_balancing_weight: float = 0.01, z_loss_weight: float = 0.0,
-                 activation: str = "gelu", d_out: Optional[int] = None):
+                 capacity_factor: Optional[float] = 1.0, load_balancing_weight: float = 0.01,
+                 z_loss_weight: float = 0.0, activation: str = "gelu", d_out: Optional[int] = None,
+                 routing: Optional[Routing] = None, expert_bias: bool = False,
+                 shared_expert_size: Optional[int] = None, dense_fallback: bool = False):
         super().__init__()
         self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
         self.load_balancing_weight, self.z_loss_weight = load_balancing_weight, z_loss_weight
-        self.router = SwitchRouter(d_model, num_experts)
+        self.routing = routing or Routing()
+        self.router = SwitchRouter(d_model, num_experts, expert_bias)
         self.experts = Experts(num_experts, d_model, d_expert, d_out or d_model, activation)
+        if shared_expert_size:
+            self.shared = FeedForward(d_model, shared_expert_size, activation)
+        if dense_fallback:
+            self.fallback = nn.Linear(d_model, d_out or d_model, bias=False)
         self.dispatcher = LocalDispatcher()
+        self.layer_name = ""  # its place in the model, e.g. layers.1.moe (set by MambaLM)
+        self.global_counts: Optional[torch.Tensor] = None
         self.last_aux_loss = self.last_z_loss = None
         self.last_stats: Optional[RoutingStats] = None
 
-    def route(self, x: torch.Tensor):
-        """x (tokens, d) -> probs (tokens, E) fp32, expert_index (tokens, k), aux loss, z loss."""
-        logits = self.router(x)
-        probs = torch.softmax(logits, dim=-1)
-        expert_index = probs.topk(self.top_k, dim=-1).indices
-        aux = self.load_balancing_weight * load_balancing_loss(probs, expert_index, self.num_experts)
-        z = self.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).mean() if self.z_loss_weight else None
-        return probs, expert_index, aux, z
+    def _aux_loss(self, probs: torch.Tensor, expert_index: torch.Tensor, sequences: int) -> Optional[torch.Tensor]:
+        kind, weight = self.routing.load_balancing_type, self.load_balancing_weight
+        if kind == "none":
+            return None
+        if kind == "seq_aux_loss":
+            return weight * sequence_load_balancing_loss(probs, expert_index, self.num_experts, sequences)
+        if kind == "global_aux_loss" and self.global_counts is not None and self.training:
+            return weight * global_load_balancing_loss(probs, self.global_counts, self.num_experts)
+        return weight * load_balancing_loss(probs, expert_index, self.num_experts)
 
-    def keep_mask(self, expert_index: torch.Tensor) -> torch.Tensor:
-        """(tokens, k) bool: within capacity, counting first choices of all tokens, then second choices..."""
+    def _z_loss(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
+        return self.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).mean() if self.z_loss_weight else None
+
+    def keep_mask(self, expert_index: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(tokens, k) bool: within capacity. position: first choices of all tokens, then second choices...;
+        probs: each expert keeps its highest-weighted assignments (ties in that same order)."""
         tokens = expert_index.shape[0]
         cap = capacity(tokens, self.num_experts, self.top_k, self.capacity_factor)
         flat = expert_index.t().reshape(-1)  # choice-major order
+        if self.routing.drop_policy == "probs" and weights is not None and cap < flat.numel():
+            order = torch.argsort(-weights.detach().t().reshape(-1), stable=True)
+            order = order[torch.argsort(flat[order], stable=True)]  # by expert, each by weight
+            starts = torch.cumsum(torch.bincount(flat, minlength=self.num_experts), 0) - torch.bincount(
+                flat, minlength=self.num_experts)
+            rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+            keep = torch.zeros_like(flat, dtype=torch.bool).scatter(0, order, rank < cap)
+            return keep.reshape(self.top_k, tokens).t()
         one_hot = F.one_hot(flat, self.num_experts)
         position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # position of each assignment in its expert's queue
         return (position < cap).reshape(self.top_k, tokens).t()
 
+    def _assignments(self, logits: torch.Tensor, gates: torch.Tensor) -> tuple:
+        """(token_of, expert_of, weight_of) of the kept assignments, expert_index (tokens, k) or None (expert
+        choice), tokens per expert before dropping, dropped, assignments, and which tokens no expert kept."""
+        tokens = logits.shape[0]
+        if self.routing.router_type == "expert_choice" and self.training:
+            cap = capacity(tokens, self.num_experts, self.top_k, self.capacity_factor)
+            token_of, expert_of, weight_of = expert_choice(gates, cap)
+            unserved = torch.ones(tokens, dtype=torch.bool, device=logits.device).index_fill(0, token_of, False)
+            routed = torch.bincount(expert_of, minlength=self.num_experts)
+            return token_of, expert_of, weight_of, None, routed, int(unserved.sum()), tokens, unserved
+        expert_index, weights = token_choice(logits, gates, self.top_k, self.routing, self.router.expert_bias)
+        keep = self.keep_mask(expert_index, weights)
+        token_of = torch.arange(tokens, device=logits.device)[:, None].expand_as(expert_index)[keep]
+        routed = torch.bincount(expert_index.flatten(), minlength=self.num_experts)
+        return (token_of, expert_index[keep], weights[keep], expert_index, routed, int(keep.numel() - keep.sum()),
+                keep.numel(), ~keep.any(1))
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         x = h.reshape(-1, shape[-1])
-        probs, expert_index, aux, z = self.route(x)
-        keep = self.keep_mask(expert_index)
-        token_of = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(expert_index)[keep]
-        expert_of = expert_index[keep]
-        weight_of = probs.gather(1, expert_index)[keep]
+        logits = self.router(x)
+        gates, probs = router_scores(logits, self.routing.score_function)
+        token_of, expert_of, weight_of, expert_index, routed, dropped, assignments, unserved = \
+            self._assignments(logits, gates)
+        aux = None if expert_index is None else self._aux_loss(probs, expert_index, shape[0] if h.dim() == 3 else 1)
+        z = self._z_loss(logits)
 
         order = torch.argsort(expert_of, stable=True)  # permute: group assignments by expert
         counts = torch.bincount(expert_of, minlength=self.num_experts)
@@ -269,9 +309,18 @@ class SwitchMoE(nn.Module):
         y = self.dispatcher.combine(self.experts(local_x, local_counts), ctx)
         y = y * weight_of[order, None].to(y.dtype)
         out = y.new_zeros(x.shape[0], y.shape[-1]).index_add(0, token_of[order], y)  # unpermute and sum top-k
+        if hasattr(self, "shared"):
+            out = out + self.shared(x).to(out.dtype)
+        if hasattr(self, "fallback"):  # run even for no token, so that every rank's weight gets a gradient
+            rows = unserved.nonzero().squeeze(1)
+            out = out.index_add(0, rows, self.fallback(x[rows]).to(out.dtype))
 
-        self.last_aux_loss, self.last_z_loss = aux.detach(), (z.detach() if z is not None else None)
-        self.last_stats = RoutingStats(torch.bincount(expert_index.flatten(), minlength=self.num_experts).detach(),
-                                       int(keep.numel() - keep.sum()), keep.numel())
-        out = attach_aux_loss(out, aux if z is None else aux + z)
+        self.last_aux_loss = aux.detach() if aux is not None else None
+        self.last_z_loss = z.detach() if z is not None else None
+        self.last_stats = RoutingStats(routed.detach(), dropped, assignments, entropy_sum(probs.detach()),
+                                       x.shape[0])
+        losses = [t for t in (aux, z) if t is not None]
+        if losses:
+            out = attach_aux_loss(out, sum(losses[1:], losses[0]))
         return out.reshape(*shape[:-1], out.shape[-1])
+

@@ -6,7 +6,8 @@ soon as it is built, so every layout computes the same function:
   local channels; x_proj row-parallel (its (dt, B, C) output all-reduced, and so is their gradient, since
   every rank's channels use them); out_proj row-parallel. The scan needs no communication.
 - Attention by heads (qkv column, out row); dense FFN column then row.
-- Switch MoE: router replicated; experts split over EP (all-to-all dispatch) and their width over ETP.
+- Switch MoE: router replicated; experts split over EP (all-to-all dispatch) and their width over ETP; a shared
+  expert column then row over TP, as a dense FFN.
 - Vocab-parallel embedding, LM head (tied to the embedding shard or its own) and cross entropy.
 Linears are megatron-core's tensor-parallel layers, or Transformer Engine's when it is in use (te.py).
 
@@ -126,6 +127,10 @@ def parallelize_block(block: Block, topo, paths: FastPaths, sp: bool = False) ->
                 parallelize_moe(moe, topo, f"mixer.{name}")
     if hasattr(block, "moe"):
         parallelize_moe(block.moe, topo, "moe")
+        shared = getattr(block.moe, "shared", None)
+        if shared is not None:  # inside the MoE, which reads the whole sequence: no sequence-parallel hooks of its own
+            shared.fc1 = _parallel_linear(shared.fc1, "moe.shared.fc1", topo, paths, activation=shared.activation)
+            shared.fc2 = _parallel_linear(shared.fc2, "moe.shared.fc2", topo, paths)
         if sp:
             _sequence_parallel_sublayer(block.moe, topo, replicated=True)
     if hasattr(block, "attention"):

@@ -23,7 +23,16 @@ from torch.distributed import pipelining
 
 from megamoe.config import Config, ModelConfig
 from megamoe.config.pattern import check_stages, marked_stages
-from megamoe.model import MambaLM, MoETotals, SwitchMoE, active_parameters, masked_mean, meta_model, moe_summary
+from megamoe.model import (
+    MambaLM,
+    MoETotals,
+    SwitchMoE,
+    active_parameters,
+    masked_mean,
+    meta_model,
+    moe_layer_names,
+    moe_summary,
+)
 
 
 def block_costs(cfg: ModelConfig) -> list:
@@ -74,15 +83,15 @@ class PipelineChunk(nn.Module):
     """One pipeline stage's view of this rank's MambaLM: its blocks (registered here too, shared), plus the
     embedding on the first stage and the final norm + head on the last."""
 
-    def __init__(self, lm: MambaLM, blocks: list, first: bool, last: bool):
+    def __init__(self, lm: MambaLM, blocks: list, first: bool, last: bool, layer_names: list):
         super().__init__()
-        self.first, self.last = first, last
+        self.first, self.last, self.layer_names = first, last, layer_names
         self.blocks = nn.ModuleList([lm.layers[str(i)] for i in blocks])
         if first:
             self.embedding = lm.embedding
         if last:
             self.norm_f, self.lm_head = lm.norm_f, lm.lm_head
-        self.moe_totals = MoETotals(lm.cfg.num_experts)  # this chunk's MoE layers over a step's micro-batches
+        self.moe_totals = MoETotals(layer_names, lm.cfg.num_experts)  # this chunk's MoE layers, a step's micro-batches
         # (seq_idx, position_ids) of the micro-batches to come, in order: every stage reads them from its own copy
         # of the data, so they never ride the activations sent between stages
         self.documents = collections.deque()
@@ -115,7 +124,9 @@ class Pipeline:
         stages = stage_blocks(cfg)
         self.virtual = len(stages) // topo.pp
         mine = list(range(topo.pp_rank, len(stages), topo.pp))
-        self.chunks = [PipelineChunk(lm, stages[s], s == 0, s == len(stages) - 1) for s in mine]
+        self.moe_layer_names = moe_layer_names(cfg.model)
+        self.chunks = [PipelineChunk(lm, stages[s], s == 0, s == len(stages) - 1, self.moe_layer_names)
+                       for s in mine]
         self.stages = [pipelining.PipelineStage(chunk, s, len(stages), topo.device, group=topo.pp_group,
                                      input_args=self._example(s == 0, "input"),
                                      output_args=self._example(s == len(stages) - 1, "output"))
@@ -156,14 +167,26 @@ class Pipeline:
         run = self.schedule.step if train else self.schedule.eval
         run(*args, target=target if last else None)
 
-    def forward_backward(self, batches: list) -> tuple:
-        """Sums over micro-batches of [lm loss, aux loss, z loss, dropped, assignments], tokens per expert; the
-        same on every rank of the pipeline."""
-        self.lm_losses.clear()
+    def _reset_totals(self) -> None:
         for chunk in self.chunks:
-            chunk.moe_totals = MoETotals(self.cfg.model.num_experts)
+            chunk.moe_totals = MoETotals(self.moe_layer_names, self.cfg.model.num_experts)
+
+    def forward_backward(self, batches: list) -> tuple:
+        """Sums over micro-batches of [lm loss, aux loss, z loss], and the MoE totals table (MoETotals); the same
+        on every rank of the pipeline."""
+        self.lm_losses.clear()
+        self._reset_totals()
         self._run(batches, train=True)
         return self._gather_totals()
+
+    @torch.no_grad()
+    def routing_prepass(self, batches: list) -> torch.Tensor:
+        """The MoE totals table of a forward-only pass over `batches` (the routing the step will see), the same
+        on every rank of the pipeline."""
+        self._reset_totals()
+        self._run(batches, train=False)
+        self.lm_losses.clear()
+        return self._gather_totals()[1]
 
     @torch.no_grad()
     def evaluate(self, batches: list) -> float:
@@ -196,15 +219,16 @@ class Pipeline:
 
     def _gather_totals(self) -> tuple:
         """The last stage's LM losses and every chunk's MoE totals, summed over the pipeline group."""
-        sums = torch.zeros(5 + self.cfg.model.num_experts, dtype=torch.float64)
+        table = sum(chunk.moe_totals.table for chunk in self.chunks)
+        sums = torch.zeros(3 + table.numel(), dtype=torch.float64)
         sums[0] = float(sum(self.lm_losses))
         for chunk in self.chunks:
-            sums[1:5] += chunk.moe_totals.sums
-            sums[5:] += chunk.moe_totals.tokens_per_expert
+            sums[1:3] += chunk.moe_totals.losses
+        sums[3:] = table.flatten()
         sums = sums.to(self.topo.device)
         dist.all_reduce(sums, group=self.topo.pp_group)
         sums = sums.cpu()
-        return sums[:5], sums[5:]
+        return sums[:3], sums[3:].view_as(table)
 
 
 def stage_model_args(cfg: Config, topo) -> dict:

@@ -1,4 +1,5 @@
-"""The sharding plan: how every parameter of the model splits over tensor and expert parallelism, as one table.
+"""The sharding plan: how every parameter (and persistent buffer) of the model splits over tensor and expert
+parallelism, as one table.
 
 parallelize.py reads it to shard a live model and checkpoint/convert.py to re-shard a checkpoint offline, so the
 two cannot disagree; a new layer is one new row. Rows match block-relative names (`mixer.in_proj.weight` for
@@ -33,9 +34,14 @@ COLUMN, ROW, REPLICATED = Split(0), Split(1), Split()
 PLAN = (
     ("embedding.weight", COLUMN),  # vocab-parallel rows
     ("lm_head.weight", COLUMN),
-    # MoE inside the Mamba projections (TP 1 only): linear experts split over EP alone, routers replicated
+    # MoE inside the Mamba projections (TP 1 only): linear experts split over EP alone, routers (weights and
+    # expert biases) and the dense fallback for dropped tokens replicated
     ("mixer.*_proj.experts.w1", Split(expert=True)),
-    ("mixer.*_proj.router.weight", REPLICATED),
+    ("mixer.*_proj.router.*", REPLICATED),
+    ("mixer.*_proj.fallback.weight", REPLICATED),
+    # the shared expert of an E block: a dense FFN, column then row
+    ("moe.shared.fc1.*", Split(0, "swiglu")),
+    ("moe.shared.fc2.weight", ROW),
     ("*experts.w1", Split(2, "swiglu", expert=True)),  # column-parallel
     ("*experts.w2", Split(1, expert=True)),  # row-parallel
     # Mamba mixer: in_proj column-parallel by channel of x and of z; the scan's parameters on the local channels;
@@ -52,7 +58,7 @@ PLAN = (
     ("attention.out_proj.weight", ROW),
     ("ffn.fc1.*", Split(0, "swiglu")),
     ("ffn.fc2.weight", ROW),
-    ("*", REPLICATED),  # norms, routers, row-parallel biases
+    ("*", REPLICATED),  # norms, routers and their expert-bias buffers, row-parallel biases
 )
 
 _BLOCK = re.compile(r"^layers\.\d+\.")

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from megamoe.config import Config
 from megamoe.errors import ConfigError
 from megamoe.logging import MetricsWriter, Progress, get_logger, read_metrics
+from megamoe.training.moe_routing import layer_metrics
 
 log = get_logger()
 
@@ -36,15 +37,17 @@ def peak_memory_gb(device) -> float:
 
 
 class IntervalMeans:
-    """Losses averaged over the steps since the last logged one, and tokens/s over them (as Megatron logs)."""
+    """Losses averaged over the steps since the last logged one, and tokens/s over them (as Megatron logs).
+    `moe_layers` (the MoE layer names, --moe-per-layer-logging): each layer's routing over the interval."""
 
     KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "fraction_dropped")
     TIMES = ("step_time_s", "fwd_bwd_s")  # means over every step of the interval
 
-    def __init__(self):
+    def __init__(self, moe_layers: Optional[list] = None):
         self.sums, self.times, self.steps, self.counted, self.tokens, self.seconds = {}, {}, 0, 0, 0, 0.0
         self.skipped = None  # steps without an update in the interval (Megatron's "number of skipped iterations")
         self.nonfinite = 0  # of them, steps with a non-finite loss or gradient (their losses are not averaged)
+        self.moe_layers, self.moe_table = moe_layers, None  # the MoE totals tables of the interval, summed
 
     def add(self, record: dict, tokens: int) -> None:
         if record.get("nonfinite_step"):
@@ -56,6 +59,9 @@ class IntervalMeans:
                     self.sums[key] = self.sums.get(key, 0.0) + record[key]
         if "skipped_step" in record:
             self.skipped = (self.skipped or 0) + record["skipped_step"]
+        table = record.pop("moe_layer_table", None)
+        if table is not None and self.moe_layers is not None:
+            self.moe_table = table if self.moe_table is None else self.moe_table + table
         for key in self.TIMES:
             self.times[key] = self.times.get(key, 0.0) + record.get(key, 0.0)
         self.steps += 1
@@ -71,7 +77,9 @@ class IntervalMeans:
             out["skipped_steps"] = self.skipped
         if self.nonfinite:
             out["nonfinite_steps"] = self.nonfinite
-        self.__init__()
+        if self.moe_table is not None:
+            out.update(layer_metrics(self.moe_layers, self.moe_table))
+        self.__init__(self.moe_layers)
         return out
 
 
@@ -136,6 +144,9 @@ class RunLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
+                elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+                    for i, v in enumerate(value):  # tokens per expert: one scalar per expert
+                        self.tb.add_scalar(f"{key}/{i}", v, record["step"])
             self.tb.flush()
         if self.wandb:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},

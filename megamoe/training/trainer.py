@@ -187,7 +187,8 @@ def _train(cfg: Config, topo, started: float) -> dict:
     tokens_per_step = tcfg.global_batch_size * cfg.data.seq_length
     run_log = RunLogger(log_dir, cfg, counts, topo)
     progress = Progress(tcfg.train_iters, state.step)
-    interval, guard, saver = IntervalMeans(), StepGuard(tcfg), _Saver(cfg, topo)
+    interval = IntervalMeans(runner.moe_layer_names if cfg.logging.moe_per_layer_logging else None)
+    guard, saver = StepGuard(tcfg), _Saver(cfg, topo)
     saver.last = checkpoint.resolve(load) if load and not cfg.checkpoint.finetune else None
     record = {}
     model.train()
