@@ -95,11 +95,52 @@ def test_unknown_yaml_section_and_key(tmp_path):
     ({"training": {"max_nonfinite_skips": -1}}, 1, "max_nonfinite_skips=-1 must be >= 0"),
     ({"training": {"spiky_loss_factor": 1.0}}, 1, "spiky_loss_factor=1.0 must be > 1"),
     ({"training": {"rerun_mode": "report_stats"}}, 1, "--rerun-mode='report_stats': use disabled or validate_results"),
+    # MoE routing (Megatron's --moe-* flags)
+    ({"model": {"top_k": 9}}, 1, "--moe-router-topk 9 exceeds --num-experts 8"),
+    ({"model": {"shared_expert_intermediate_size": 30}, "parallel": {"tensor_model_parallel_size": 4}}, 4,
+     "--moe-shared-expert-intermediate-size 30 is not divisible by --tensor-model-parallel-size 4"),
+    ({"model": {"router_type": "expert_choice", "router_enable_expert_bias": True}}, 1,
+     "--moe-router-enable-expert-bias balances token-choice routing"),
+    ({"model": {"router_type": "expert_choice"}}, 1, "set --moe-router-load-balancing-type none"),
+    ({"model": {"router_type": "expert_choice", "router_load_balancing_type": "none", "capacity_factor": None}}, 1,
+     "expert choice needs a capacity"),
+    ({"model": {"router_type": "expert_choice", "router_load_balancing_type": "none",
+                "router_force_load_balancing": True}}, 1, "does not combine with model.router_type=expert_choice"),
+    ({"model": {"router_enable_expert_bias": True, "router_force_load_balancing": True}}, 1,
+     "the expert bias would do nothing"),
+    ({"model": {"router_pre_softmax": False}}, 1, "keep --moe-router-pre-softmax with --moe-router-topk 1"),
+    ({"model": {"router_score_function": "relu"}}, 1, "router_score_function='relu': use softmax | sigmoid"),
+    ({"model": {"router_load_balancing_type": "sinkhorn"}}, 1,
+     "use aux_loss | seq_aux_loss | global_aux_loss | none"),
+    ({"model": {"token_drop_policy": "random"}}, 1, "token_drop_policy='random': use position | probs"),
+    ({"model": {"router_bias_update_rate": -0.1}}, 1, "router_bias_update_rate=-0.1 must be >= 0"),
+    ({"model": {"pattern": "MMMM", "mamba_moe_projections": ["output"], "shared_expert_intermediate_size": 8}}, 1,
+     "adds a shared expert to E blocks"),
+    ({"model": {"mamba_moe_dense_fallback": True}}, 1, "mamba_moe_dense_fallback is for MoE projections"),
 ])
 def test_validation_names_key_and_fix(overrides, world, message):
     cfg = _valid(**overrides)
     with pytest.raises(ConfigError, match=message):
         cfg.validate(world_size=world)
+
+
+def test_megatron_moe_flags():
+    cfg = build_config(None, ["--moe-router-topk", "2", "--moe-router-score-function", "sigmoid",
+                              "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.01",
+                              "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff", "0.001",
+                              "--moe-z-loss-coeff", "0.002", "--moe-shared-expert-intermediate-size", "64",
+                              "--moe-ffn-hidden-size", "128", "--num-experts", "16", "--moe-expert-capacity-factor",
+                              "none", "--moe-token-drop-policy", "probs", "--moe-router-pre-softmax",
+                              "--moe-per-layer-logging"])
+    m = cfg.model
+    assert (m.top_k, m.router_score_function, m.router_enable_expert_bias, m.router_bias_update_rate) == \
+        (2, "sigmoid", True, 0.01)
+    assert (m.router_load_balancing_type, m.load_balancing_weight, m.z_loss_weight) == ("seq_aux_loss", 0.001, 0.002)
+    assert (m.shared_expert_intermediate_size, m.d_expert, m.num_experts) == (64, 128, 16)
+    assert (m.capacity_factor, m.token_drop_policy, m.router_pre_softmax) == (None, "probs", True)
+    assert cfg.logging.moe_per_layer_logging
+    cfg.validate(world_size=1, check_files=False)
+    assert build_config(None, ["--moe-router-force-load-balancing"]).model.router_force_load_balancing
 
 
 def test_good_layouts_pass():
