@@ -72,6 +72,8 @@ class NonFiniteProbe:
         self._handles: list = []
         # micro-batches so far per root (pipeline chunks run theirs in the schedule's order), and each module's root
         self._calls = [-1] * len(roots)
+        # a forward-only pass before the step's (global_aux_loss's routing pre-pass) counts its own micro-batches
+        self._grad_mode = [None] * len(roots)
         self._root_of = {id(m): k for k, root in enumerate(roots) for m in root.modules()}
 
     def __enter__(self) -> "NonFiniteProbe":
@@ -92,6 +94,9 @@ class NonFiniteProbe:
 
     def _counter(self, k: int):
         def hook(module, args):
+            if self._grad_mode[k] is not None and self._grad_mode[k] != torch.is_grad_enabled():
+                self._calls[k] = -1
+            self._grad_mode[k] = torch.is_grad_enabled()
             self._calls[k] += 1
         return hook
 

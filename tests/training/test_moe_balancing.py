@@ -2,6 +2,7 @@
 
 - global_aux_loss gives the same loss and gradients whatever the micro-batch split of the same global batch
   (while the per-micro-batch aux_loss does not);
+- the non-finite tracer names the right micro-batch after global_aux_loss's pre-pass;
 - --moe-per-layer-logging on PP2 (2 ranks): rank 0 writes every MoE layer's routing, its own stage's and the
   other's, to metrics.jsonl and TensorBoard, counted over the global batches of the log interval.
 """
@@ -14,10 +15,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from megamoe.config import config_from_dict
 from megamoe.logging import read_metrics
+from megamoe.model import build_model
 from megamoe.parallel import destroy_distributed, init_distributed, set_seed
 from megamoe.parallel.parallelize import build_parallel_model
 from megamoe.testing import run_on_ranks
 from megamoe.training import make_runner, train, train_step
+from megamoe.training.nonfinite import NonFiniteProbe
 from megamoe.training.optimizer import build_optimizer
 
 VOCAB, SEQ, GLOBAL = 64, 16, 4
@@ -87,3 +90,19 @@ def test_per_layer_routing_metrics_come_from_every_pipeline_stage(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"moe/layers.3.moe/router_entropy", "moe/layers.3.moe/tokens_per_expert/0",
             "moe/layers.1.moe/fraction_dropped"} <= tags
+
+
+def test_a_nonfinite_gradient_is_named_by_its_micro_batch_after_a_routing_pre_pass():
+    """global_aux_loss's forward-only pre-pass counts its own micro-batches: a gradient that goes non-finite in
+    the step's second micro-batch is reported there, not in the fourth call of the model."""
+    cfg = _config(2, "global_aux_loss")
+    model = build_model(cfg.model, seed=1)
+    tokens = torch.randint(0, VOCAB, (2, SEQ))
+    with NonFiniteProbe(model, 0, [model]) as probe:
+        with torch.no_grad():
+            for _ in range(2):
+                model(tokens)
+        for micro in range(2):
+            out = model(tokens, labels=tokens).lm_loss
+            (out * (float("nan") if micro == 1 else 1.0)).backward()
+    assert probe.first().micro_batch == 1
