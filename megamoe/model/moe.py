@@ -200,6 +200,20 @@ class RoutingStats:
         return torch.cat([self.tokens_per_expert.detach().double().cpu(), rest])
 
 
+@dataclass
+class Assignments:
+    """One call's routing: the kept assignments (token, expert, weight), and what was decided before dropping."""
+
+    token_of: torch.Tensor
+    expert_of: torch.Tensor
+    weight_of: torch.Tensor
+    expert_index: Optional[torch.Tensor]  # (tokens, k) of token choice; None under expert choice
+    tokens_per_expert: torch.Tensor  # (E,) before dropping
+    dropped: int
+    assignments: int
+    unserved: torch.Tensor  # (tokens,) bool: no expert kept the token
+
+
 @contextlib.contextmanager
 def moe_capacity(model: nn.Module, capacity_factor: Optional[float]):
     """Run every Switch MoE of `model` (E blocks and MoE projections) with this capacity_factor (0: no limit);
@@ -267,8 +281,8 @@ class SwitchMoE(nn.Module):
         if self.routing.drop_policy == "probs" and weights is not None and cap < flat.numel():
             order = torch.argsort(-weights.detach().t().reshape(-1), stable=True)
             order = order[torch.argsort(flat[order], stable=True)]  # by expert, each by weight
-            starts = torch.cumsum(torch.bincount(flat, minlength=self.num_experts), 0) - torch.bincount(
-                flat, minlength=self.num_experts)
+            per_expert = torch.bincount(flat, minlength=self.num_experts)
+            starts = torch.cumsum(per_expert, 0) - per_expert
             rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
             keep = torch.zeros_like(flat, dtype=torch.bool).scatter(0, order, rank < cap)
             return keep.reshape(self.top_k, tokens).t()
@@ -276,31 +290,31 @@ class SwitchMoE(nn.Module):
         position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # position of each assignment in its expert's queue
         return (position < cap).reshape(self.top_k, tokens).t()
 
-    def _assignments(self, logits: torch.Tensor, gates: torch.Tensor) -> tuple:
-        """(token_of, expert_of, weight_of) of the kept assignments, expert_index (tokens, k) or None (expert
-        choice), tokens per expert before dropping, dropped, assignments, and which tokens no expert kept."""
+    def _assignments(self, logits: torch.Tensor, gates: torch.Tensor) -> "Assignments":
         tokens = logits.shape[0]
         if self.routing.router_type == "expert_choice" and self.training:
             cap = capacity(tokens, self.num_experts, self.top_k, self.capacity_factor)
             token_of, expert_of, weight_of = expert_choice(gates, cap)
             unserved = torch.ones(tokens, dtype=torch.bool, device=logits.device).index_fill(0, token_of, False)
-            routed = torch.bincount(expert_of, minlength=self.num_experts)
-            return token_of, expert_of, weight_of, None, routed, int(unserved.sum()), tokens, unserved
+            return Assignments(token_of, expert_of, weight_of, None,
+                               torch.bincount(expert_of, minlength=self.num_experts), int(unserved.sum()), tokens,
+                               unserved)
         expert_index, weights = token_choice(logits, gates, self.top_k, self.routing, self.router.expert_bias)
         keep = self.keep_mask(expert_index, weights)
         token_of = torch.arange(tokens, device=logits.device)[:, None].expand_as(expert_index)[keep]
-        routed = torch.bincount(expert_index.flatten(), minlength=self.num_experts)
-        return (token_of, expert_index[keep], weights[keep], expert_index, routed, int(keep.numel() - keep.sum()),
-                keep.numel(), ~keep.any(1))
+        return Assignments(token_of, expert_index[keep], weights[keep], expert_index,
+                           torch.bincount(expert_index.flatten(), minlength=self.num_experts),
+                           int(keep.numel() - keep.sum()), keep.numel(), ~keep.any(1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         x = h.reshape(-1, shape[-1])
         logits = self.router(x)
         gates, probs = router_scores(logits, self.routing.score_function)
-        token_of, expert_of, weight_of, expert_index, routed, dropped, assignments, unserved = \
-            self._assignments(logits, gates)
-        aux = None if expert_index is None else self._aux_loss(probs, expert_index, shape[0] if h.dim() == 3 else 1)
+        a = self._assignments(logits, gates)
+        token_of, expert_of, weight_of = a.token_of, a.expert_of, a.weight_of
+        aux = None if a.expert_index is None else self._aux_loss(probs, a.expert_index,
+                                                                 shape[0] if h.dim() == 3 else 1)
         z = self._z_loss(logits)
 
         order = torch.argsort(expert_of, stable=True)  # permute: group assignments by expert
@@ -312,13 +326,13 @@ class SwitchMoE(nn.Module):
         if hasattr(self, "shared"):
             out = out + self.shared(x).to(out.dtype)
         if hasattr(self, "fallback"):  # run even for no token, so that every rank's weight gets a gradient
-            rows = unserved.nonzero().squeeze(1)
+            rows = a.unserved.nonzero().squeeze(1)
             out = out.index_add(0, rows, self.fallback(x[rows]).to(out.dtype))
 
         self.last_aux_loss = aux.detach() if aux is not None else None
         self.last_z_loss = z.detach() if z is not None else None
-        self.last_stats = RoutingStats(routed.detach(), dropped, assignments, entropy_sum(probs.detach()),
-                                       x.shape[0])
+        self.last_stats = RoutingStats(a.tokens_per_expert.detach(), a.dropped, a.assignments,
+                                       entropy_sum(probs.detach()), x.shape[0])
         losses = [t for t in (aux, z) if t is not None]
         if losses:
             out = attach_aux_loss(out, sum(losses[1:], losses[0]))
