@@ -3,6 +3,7 @@
 
     python bench/bench_comm.py                              # quickstart model, TP 2 and EP 2 on 4 gloo ranks
     python bench/bench_comm.py --tp 2 --ep 1 --world 2 --config examples/paper/moe_mamba_25m.yaml --seq 256
+    python bench/bench_comm.py --tp 1 --ep 1 --cp 4 --world 4 --seq 1024     # context parallelism
 
 Analytic minimum, per micro-batch of T tokens (ring all-reduce: each rank sends 2 (n-1)/n of the buffer):
 - TP all-reduces: the embedding's output; per Mamba layer x_proj's (dt, B, C) and out_proj's output forward,
@@ -13,6 +14,11 @@ Analytic minimum, per micro-batch of T tokens (ring all-reduce: each rank sends 
 - EP all-to-alls: with balanced routing and nothing dropped, (EP-1)/EP of the T x top_k routed tokens leave the
   rank four times per MoE layer (dispatch and combine, forward and backward), plus the per-expert counts.
   Capacity drops and imbalance move the measured value away from this.
+- CP, per Mamba layer, independent of the sequence length: every rank but the last sends its slice's carried
+  state (batch x d_inner x d_state) and conv halo (batch x d_inner x (d_conv - 1)) forward, every rank but the
+  first their gradients backward: 2 x batch x d_inner x (d_state + d_conv - 1) x 4 bytes for a middle rank;
+  per MoE layer an all-gather of the per-row, per-expert counts (top_k x batch x E int64) and an all-reduce of
+  the two loss shares; per micro-batch an all-reduce of the token count. Dense gradients reduce over DP x CP.
 """
 from __future__ import annotations
 
@@ -33,8 +39,9 @@ def _config(args):
     cfg = build_config(args.config, ["--data.mock", "true", "--model.vocab_size", str(args.vocab),
                                      "--tensor-model-parallel-size", str(args.tp),
                                      "--expert-model-parallel-size", str(args.ep),
+                                     "--context-parallel-size", str(args.cp),
                                      "--seq-length", str(args.seq), "--micro-batch-size", str(args.mbs),
-                                     "--global-batch-size", str(args.mbs * args.world // args.tp),
+                                     "--global-batch-size", str(args.mbs * args.world // (args.tp * args.cp)),
                                      "--model.capacity_factor", str(args.capacity_factor)])
     return cfg
 
@@ -62,17 +69,17 @@ def _measure(args):
     dropped = sum(m.last_stats.dropped for m in model.modules() if isinstance(m, SwitchMoE))
     # Gradient averaging: dense parameters over DP, expert parameters over expert-DP (ring all-reduce).
     dp_bytes = 0.0
-    for expert, size in ((False, topo.dp), (True, topo.edp)):
+    for expert, size in ((False, topo.dp * topo.cp), (True, topo.edp)):
         numel = sum(p.numel() for p in model.parameters() if getattr(p, "is_expert", False) == expert)
         dp_bytes += 2 * (size - 1) / size * numel * 4
-    return dict(COUNTER.bytes), dropped, dp_bytes
+    return dict(COUNTER.bytes), dropped, dp_bytes, topo.cp_rank
 
 
-def analytic(cfg, tp: int, ep: int, element: int = 4) -> dict:
-    """Minimum bytes per rank per step (one micro-batch) by kind, for the layout."""
+def analytic(cfg, tp: int, ep: int, cp: int = 1, cp_rank: int = 0, element: int = 4) -> dict:
+    """Minimum bytes per rank per step (one micro-batch) by kind, for the layout (CP: for CP rank cp_rank)."""
     from megamoe.config import block_kinds
     m = cfg.model
-    tokens = cfg.training.micro_batch_size * cfg.data.seq_length
+    tokens = cfg.training.micro_batch_size * cfg.data.seq_length // cp  # this rank's
     ring = 2 * (tp - 1) / tp
     kinds = block_kinds(m)
     tp_bytes = 0.0
@@ -88,7 +95,17 @@ def analytic(cfg, tp: int, ep: int, element: int = 4) -> dict:
         moe_layers = sum("E" in k for k in kinds)
         ep_bytes = moe_layers * (4 * tokens * m.top_k * (ep - 1) / ep * m.d_model * element
                                  + 8 * m.num_experts * (ep - 1) / ep)
-    return {"tp_all_reduce": tp_bytes, "ep_all_to_all": ep_bytes}
+    out = {"tp_all_reduce": tp_bytes, "ep_all_to_all": ep_bytes}
+    if cp > 1:
+        batch, d_inner, mamba = cfg.training.micro_batch_size, m.d_inner // tp, sum("M" in k for k in kinds)
+        sends = (cp_rank < cp - 1) + (cp_rank > 0)  # forward to the next rank, backward to the previous
+        out["cp_scan_state"] = mamba * sends * batch * d_inner * m.d_state * element
+        out["cp_conv_halo"] = mamba * sends * batch * d_inner * (m.d_conv - 1) * element
+        moe_layers = sum("E" in k for k in kinds)
+        out["cp_moe_counts"] = moe_layers * (cp - 1) * m.top_k * batch * m.num_experts * 8
+        out["cp_moe_losses"] = moe_layers * 3 * 4  # aux, z, entropy: the whole micro-batch's
+        out["cp_loss"] = 4  # the float32 token count
+    return out
 
 
 def main(argv=None):
@@ -96,6 +113,7 @@ def main(argv=None):
     parser.add_argument("--config", default=QUICKSTART)
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--ep", type=int, default=2)
+    parser.add_argument("--cp", type=int, default=1, help="--context-parallel-size")
     parser.add_argument("--world", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--mbs", type=int, default=4)
@@ -106,16 +124,17 @@ def main(argv=None):
     from megamoe.testing import run_on_ranks
     results = run_on_ranks(_measure, args.world, args=(args,), timeout=600)
     cfg = _config(args)
-    expected = analytic(cfg, args.tp, args.ep)
     print(f"model {cfg.model.pattern} d_model {cfg.model.d_model}, {cfg.model.num_experts} experts, "
-          f"micro-batch {args.mbs} x {args.seq} tokens, fp32; TP {args.tp}, EP {args.ep}, world {args.world}")
+          f"micro-batch {args.mbs} x {args.seq} tokens, fp32; TP {args.tp}, EP {args.ep}, CP {args.cp}, "
+          f"world {args.world}")
     print(f"{'kind':<16} {'rank':>4} {'measured MB':>12} {'analytic MB':>12} {'ratio':>7}   dropped tokens")
-    for rank, (counted, dropped, dp_bytes) in enumerate(results):
+    for rank, (counted, dropped, dp_bytes, cp_rank) in enumerate(results):
+        expected = analytic(cfg, args.tp, args.ep, args.cp, cp_rank)
         expected["dp_all_reduce"] = dp_bytes
         for kind in sorted(set(counted) | {k for k, v in expected.items() if v}):
             got, want = counted.get(kind, 0), expected.get(kind, 0.0)
             ratio = f"{got / want:7.3f}" if want else "      -"
-            print(f"{kind:<16} {rank:>4} {got / 1e6:12.3f} {want / 1e6:12.3f} {ratio}   {dropped}")
+            print(f"{kind:<16} {rank:>4} {got / 1e6:12.6f} {want / 1e6:12.6f} {ratio}   {dropped}")
 
 
 if __name__ == "__main__":

@@ -80,11 +80,11 @@ def _cut_decay(a, seq_ptrs, t, mask_t, HAS_SEQ: tl.constexpr):
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, y_ptr, states_ptr, last_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, h0_ptr, y_ptr, states_ptr, last_ptr,
     d_inner, d_state, seqlen, n_chunks,
     s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_y_b, s_y_d, s_B_b, s_B_n, s_C_b, s_C_n, s_seq_b,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_SEQ: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
+    HAS_SEQ: tl.constexpr, HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_LAST: tl.constexpr,
     CHUNK_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
@@ -107,6 +107,8 @@ def _scan_fwd_kernel(
     st_ptrs = states_ptr + ((pid_b * d_inner + offs_d[:, None]) * n_chunks) * d_state + offs_n[None, :]
 
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    if HAS_H0:  # (batch, d_inner, d_state) fp32: the state before step 0
+        h = tl.load(h0_ptr + (pid_b * d_inner + offs_d[:, None]) * d_state + offs_n[None, :], mask=mask_dn, other=0.0)
     for blk in range(0, tl.cdiv(seqlen, BLOCK_L)):
         t0 = blk * BLOCK_L
         if SAVE_STATES:
@@ -277,7 +279,7 @@ def _group_d(batch: int, d_inner: int, device: torch.device) -> int:
     return min(max(next_pow2(per_program), 8), 256)
 
 
-def _check(u, delta, A, B, C, D, z, delta_bias, seq_idx=None) -> None:
+def _check(u, delta, A, B, C, D, z, delta_bias, seq_idx=None, initial_state=None) -> None:
     if u.dim() != 3:
         raise ValueError(f"selective_scan_triton: u must be (batch, d_inner, L), got shape {tuple(u.shape)}")
     batch, d_inner, seqlen = u.shape
@@ -285,7 +287,7 @@ def _check(u, delta, A, B, C, D, z, delta_bias, seq_idx=None) -> None:
     expected = {"delta": (delta, (batch, d_inner, seqlen)), "A": (A, (d_inner, d_state)),
                 "B": (B, (batch, d_state, seqlen)), "C": (C, (batch, d_state, seqlen)),
                 "D": (D, (d_inner,)), "z": (z, (batch, d_inner, seqlen)), "delta_bias": (delta_bias, (d_inner,)),
-                "seq_idx": (seq_idx, (batch, seqlen))}
+                "seq_idx": (seq_idx, (batch, seqlen)), "initial_state": (initial_state, (batch, d_inner, d_state))}
     for name, (t, shape) in expected.items():
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"selective_scan_triton: {name} must have shape {shape} (batch, d_inner, L = "
@@ -304,7 +306,7 @@ def _last_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, save_last, chunk_len, seq_idx=None):
+def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, save_last, chunk_len, seq_idx=None, h0=None):
     batch, d_inner, seqlen = u.shape
     d_state = A.shape[1]
     block_n = max(next_pow2(d_state), 2)
@@ -317,13 +319,13 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, save_states, save_last, 
     zz = z if z is not None else u
     seq = seq_idx if seq_idx is not None else dummy
     args = (u, delta, A, B, C, D if D is not None else dummy, zz, delta_bias if delta_bias is not None else dummy,
-            seq, y, states if save_states else dummy, last if save_last else dummy,
+            seq, h0 if h0 is not None else dummy, y, states if save_states else dummy, last if save_last else dummy,
             d_inner, d_state, seqlen, n_chunks,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
             y.stride(0), y.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1), seq.stride(0))
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-                 HAS_SEQ=seq_idx is not None, SAVE_STATES=save_states, SAVE_LAST=save_last, CHUNK_L=chunk_len,
-                 BLOCK_N=block_n)
+                 HAS_SEQ=seq_idx is not None, HAS_H0=h0 is not None, SAVE_STATES=save_states, SAVE_LAST=save_last,
+                 CHUNK_L=chunk_len, BLOCK_N=block_n)
     if interpreting(_scan_fwd_kernel):
         block_d = min(4, next_pow2(d_inner))
         block_l = max(chunk_len // 2, 1)  # two blocks per chunk exercise the save-on-chunk-start path
@@ -374,10 +376,11 @@ def _bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states, softplus, chu
         kernel = tuned(_scan_bwd_kernel, (block_n, chunk_len, group_d), _bwd_configs(block_n, chunk_len, group_d),
                        key=["d_inner", "d_state", "seqlen"])
         kernel[grid](*args, **flags, **FP_FUSION)
+    dh0 = acc[0, :, :, :d_state]  # the adjoint carried past the first step: the gradient of the initial state
     dA = acc[1].sum(0)[:, :d_state].to(A.dtype)
     dD = acc[2, :, :, 0].sum(0).to(D.dtype) if D is not None else None
     dbias = acc[3, :, :, 0].sum(0).to(delta_bias.dtype) if delta_bias is not None else None
-    return du, ddelta, dA, dB_part.sum(0).to(B.dtype), dC_part.sum(0).to(C.dtype), dD, dz, dbias
+    return du, ddelta, dA, dB_part.sum(0).to(B.dtype), dC_part.sum(0).to(C.dtype), dD, dz, dbias, dh0
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -385,15 +388,17 @@ class SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_len, save,
-                seq_idx):
+                seq_idx, h0):
         u, delta, B, C, z, seq_idx = map(_last_contiguous, (u, delta, B, C, z, seq_idx))
         A = A.contiguous()
         D = D.contiguous() if D is not None else None
         delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+        h0 = h0.float().contiguous() if h0 is not None else None
         y, states, last = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save, return_last_state,
-                               chunk_len, seq_idx)
+                               chunk_len, seq_idx, h0)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, seq_idx)
+            ctx.has_h0 = h0 is not None
             ctx.softplus, ctx.chunk_len = delta_softplus, chunk_len
         return (y, last) if return_last_state else y
 
@@ -402,29 +407,31 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, states, seq_idx = ctx.saved_tensors
         dout = _last_contiguous(dout)
         dlast = dlast.float().contiguous() if dlast is not None else None
-        grads = _bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states, ctx.softplus, ctx.chunk_len,
-                     seq_idx=seq_idx)
-        return (*grads, None, None, None, None, None)
+        *grads, dh0 = _bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states, ctx.softplus, ctx.chunk_len,
+                           seq_idx=seq_idx)
+        return (*grads, None, None, None, None, None, dh0 if ctx.has_h0 else None)
 
 
 def selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                           C: torch.Tensor, D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                           delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
                           return_last_state: bool = False, *, chunk_len: Optional[int] = None,
-                          seq_idx: Optional[torch.Tensor] = None):
+                          seq_idx: Optional[torch.Tensor] = None, initial_state: Optional[torch.Tensor] = None):
     """mamba_ssm's selective_scan_fn on Triton. u, delta, z: (batch, d_inner, L); A: (d_inner, d_state);
     B, C: (batch, d_state, L); D, delta_bias: (d_inner,); seq_idx: (batch, L) int32 document index (the state
-    restarts where it changes). Returns y (batch, d_inner, L) in u's dtype [and the last state
-    (batch, d_inner, d_state) in float32]; differentiable in every tensor input.
-    `chunk_len` (a power of two, default `default_chunk_len(d_state)`) spaces the states saved for backward."""
-    _check(u, delta, A, B, C, D, z, delta_bias, seq_idx)
+    restarts where it changes); initial_state (batch, d_inner, d_state): the state before step 0. Returns y
+    (batch, d_inner, L) in u's dtype [and the last state (batch, d_inner, d_state) in float32]; differentiable in
+    every tensor input. `chunk_len` (a power of two, default `default_chunk_len(d_state)`) spaces the states saved
+    for backward."""
+    _check(u, delta, A, B, C, D, z, delta_bias, seq_idx, initial_state)
     chunk_len = default_chunk_len(A.shape[1]) if chunk_len is None else chunk_len
-    check_device(_scan_fwd_kernel, "selective_scan_triton", u, delta, A, B, C, D, z, delta_bias, seq_idx)
+    check_device(_scan_fwd_kernel, "selective_scan_triton", u, delta, A, B, C, D, z, delta_bias, seq_idx,
+                 initial_state)
     if chunk_len < 1 or chunk_len & (chunk_len - 1):
         raise ValueError(f"selective_scan_triton: chunk_len must be a power of two, got {chunk_len}")
     # save the chunk states only when a backward can follow (inside forward, grad mode is always off)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (u, delta, A, B, C, D, z, delta_bias))
+                                           for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
     with on_device(u.device):
         return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                     bool(return_last_state), int(chunk_len), save, seq_idx)
+                                     bool(return_last_state), int(chunk_len), save, seq_idx, initial_state)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -39,7 +40,9 @@ def _rank_main(fn, args, rank, world_size, port, threads, results):
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         torch.set_num_threads(threads)
-        value = fn(*args)
+        # Pickled here, by value: the queue's own pickler would share each tensor's memory through this process,
+        # which may have exited by the time the parent unpickles it.
+        value = pickle.dumps(fn(*args))
         results.put((rank, True, value))
     except BaseException:  # report everything, including SystemExit from a CLI under test
         results.put((rank, False, traceback.format_exc()))
@@ -78,7 +81,7 @@ def run_on_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), timeou
                 continue
             if not ok:
                 raise RankFailure(f"rank {rank} of {world_size} failed:\n{value}")
-            outcomes[rank] = value
+            outcomes[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10 if len(outcomes) == world_size else 0.1)

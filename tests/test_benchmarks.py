@@ -19,6 +19,7 @@ SMALLEST = {  # bench: (arguments, what its output must show)
     "bench_pipeline": (["--micro-batches", "2", "--blocks", "4", "--d-model", "32", "--seq", "32", "--steps", "1"],
                        r"1F1B +2 +\d+\.\d+ +\d+\.\d+ +\d+\.\d+% +50\.0%"),
     "bench_comm": (["--seq", "32", "--mbs", "2", "--vocab", "256"], r"ep_all_to_all +0 +\d+\.\d+ +\d+\.\d+ +\d\.\d+"),
+    "bench_context": (["--seq", "256", "--cp", "2", "--vocab", "256"], r"\| 2 \| \d+\.\d+ \| \d+\.\d+ \| \d+\.\d+x \|"),
     "bench_kernels": (["--interpret", "--shapes", "8x64", "--iters", "1", "--batch", "1"], r"\(ok\)"),
     "bench_train": (["--quick", "--d-model", "64", "--layers", "2", "--vocab", "512", "--steps", "1"],
                     r"megamoe Mamba vs HF tokens/s: \d+\.\d+x"),

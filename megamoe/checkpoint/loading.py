@@ -132,7 +132,7 @@ def load(path: str, model, optimizer, cfg: Config, topo, state=None, verify: boo
         _apply_optimizer_state(optimizer, states, marker)
     if optimizer is not None if rng is None else rng:  # by default with the optimizer, else as told
         rank = rank_and_world(topo)[0]
-        same_layout = marker.get("layout") == layout_of(topo)
+        same_layout = {"cp": 1, **marker.get("layout", {})} == layout_of(topo)  # older saves record no cp
         rng_file = os.path.join(path, f"rng_rank{rank if same_layout else 0}.pt")
         if os.path.isfile(rng_file):  # every rank draws the same streams (parallel/random.py): rank 0's fit any
             set_rng_state(torch.load(rng_file, weights_only=False))

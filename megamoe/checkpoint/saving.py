@@ -38,8 +38,9 @@ from megamoe.parallel.random import get_rng_state
 def layout_of(topo) -> dict:
     """The parallel layout recorded in megamoe.json (a single process when topo is None)."""
     if topo is None:
-        return dict(tp=1, pp=1, ep=1, etp=1, dp=1, world_size=1)
-    return dict(tp=topo.tp, pp=topo.pp, ep=topo.ep, etp=topo.etp, dp=topo.dp, world_size=topo.world_size)
+        return dict(tp=1, pp=1, ep=1, etp=1, cp=1, dp=1, world_size=1)
+    return dict(tp=topo.tp, pp=topo.pp, ep=topo.ep, etp=topo.etp, cp=topo.cp, dp=topo.dp,
+                world_size=topo.world_size)
 
 
 def _begin(root: str, model, optimizer, state, cfg: Config, topo) -> tuple:

@@ -24,6 +24,7 @@ MEGATRON_FLAGS = {
     "--pipeline-model-parallel-size": "parallel.pipeline_model_parallel_size",
     "--virtual-pipeline-model-parallel-size": "parallel.virtual_pipeline_model_parallel_size",
     "--expert-model-parallel-size": "parallel.expert_model_parallel_size",
+    "--context-parallel-size": "parallel.context_parallel_size",
     "--expert-tensor-parallel-size": "parallel.expert_tensor_parallel_size",
     "--sequence-parallel": "parallel.sequence_parallel",
     "--use-distributed-optimizer": "parallel.distributed_optimizer",

@@ -14,10 +14,11 @@ PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble")
 
 @dataclass
 class ParallelConfig:
-    """Layout; data parallel size is what is left: world / (TP x PP)."""
+    """Layout; data parallel size is what is left: world / (TP x CP x PP)."""
 
     tensor_model_parallel_size: int = option(1, "TP: each layer's weights split over this many ranks")
     pipeline_model_parallel_size: int = option(1, "PP: the layer stack split into this many stages")
+    context_parallel_size: int = option(1, "CP: every sequence split into this many contiguous slices, one per rank")
     virtual_pipeline_model_parallel_size: Optional[int] = option(None, "stages per pipeline rank (interleaved)")
     expert_model_parallel_size: int = option(1, "EP: the experts of each MoE layer split over this many ranks")
     expert_tensor_parallel_size: Optional[int] = option(None, "None: same as TP (megatron-core's default)")
@@ -39,20 +40,23 @@ class ParallelConfig:
         return self.virtual_pipeline_model_parallel_size or 1
 
     def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+        return world_size // (self.tensor_model_parallel_size * self.context_parallel_size
+                              * self.pipeline_model_parallel_size)
 
     def validate(self, world_size: int, model: ModelConfig) -> None:
         tp, pp, ep, etp = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
                            self.expert_model_parallel_size, self.resolved_etp)
+        cp = self.context_parallel_size
         for flag, v in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp),
-                        ("expert-model-parallel-size", ep), ("expert-tensor-parallel-size", etp)):
+                        ("expert-model-parallel-size", ep), ("expert-tensor-parallel-size", etp),
+                        ("context-parallel-size", cp)):
             if v < 1:
                 raise ConfigError(f"--{flag}={v} must be >= 1")
-        if world_size % (tp * pp):
+        if world_size % (tp * cp * pp):
             raise ConfigError(
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
-                f"--pipeline-model-parallel-size ({pp}) = {tp * pp}; launch a multiple of {tp * pp} "
-                "processes or change the sizes")
+                f"--context-parallel-size ({cp}) x --pipeline-model-parallel-size ({pp}) = {tp * cp * pp}; "
+                f"launch a multiple of {tp * cp * pp} processes or change the sizes")
         if world_size % (etp * ep * pp):
             raise ConfigError(
                 f"world size {world_size} is not divisible by --expert-tensor-parallel-size ({etp}) x "

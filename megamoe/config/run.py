@@ -160,10 +160,13 @@ class Config:
         self.training.validate(world_size, self.parallel)
         if self.data.data_path:  # one rule for --data-path, before any file is looked at
             parse_data_path(self.data.data_path)
-        tp = self.parallel.tensor_model_parallel_size
-        if self.parallel.sequence_parallel and self.data.seq_length % tp:
+        tp, cp = self.parallel.tensor_model_parallel_size, self.parallel.context_parallel_size
+        if self.parallel.sequence_parallel and self.data.seq_length % (tp * cp):
             raise ConfigError(f"--sequence-parallel splits the sequence over TP: --seq-length {self.data.seq_length} "
-                              f"is not divisible by --tensor-model-parallel-size {tp}")
+                              f"is not divisible by --tensor-model-parallel-size {tp}"
+                              + (f" x --context-parallel-size {cp}" if cp > 1 else ""))
+        if cp > 1:
+            self._validate_context_parallel(cp)
         if self.training.fp8:
             self._validate_fp8_shapes()
         if check_files:
@@ -178,6 +181,24 @@ class Config:
         if (t.exit_signal_handler or t.exit_duration_in_mins) and not self.checkpoint.save:
             flag = "--exit-signal-handler" if t.exit_signal_handler else "--exit-duration-in-mins"
             raise ConfigError(f"{flag} stops the run early to resume it later: give --save DIR for its checkpoint")
+
+    def _validate_context_parallel(self, cp: int) -> None:
+        """Each CP rank holds a contiguous slice of L / CP tokens; the conv's halo is d_conv - 1 of them."""
+        length, m = self.data.seq_length, self.model
+        if length % cp:
+            raise ConfigError(f"--context-parallel-size {cp} splits every sequence: --seq-length {length} is not "
+                              f"divisible by it; use a multiple of {cp}")
+        if "M" in m.pattern and length // cp < m.d_conv - 1:
+            raise ConfigError(f"--context-parallel-size {cp}: each rank's slice of {length // cp} tokens is shorter "
+                              f"than the conv's halo of model.d_conv - 1 = {m.d_conv - 1}; use fewer CP ranks")
+        if m.has_moe and m.router_type == "expert_choice":
+            raise ConfigError(f"model.router_type=expert_choice lets each expert pick from the whole micro-batch, "
+                              f"which --context-parallel-size {cp} splits; use token_choice (the default) or CP 1")
+        limited = m.capacity_factor is not None and m.capacity_factor > 0
+        if m.has_moe and m.token_drop_policy == "probs" and limited:
+            raise ConfigError(f"--moe-token-drop-policy probs ranks an expert's assignments over the whole "
+                              f"micro-batch, which --context-parallel-size {cp} splits; use position (the default), "
+                              "dropless routing (--moe-expert-capacity-factor 0) or CP 1")
 
     def _validate_checkpoint_paths(self) -> None:
         """--save can be written; --load exists, unless it is also --save: the same command then starts the run

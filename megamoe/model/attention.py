@@ -21,17 +21,26 @@ def rope_tables(length: int, head_dim: int, base: float, device=None,
     return angles.cos(), angles.sin()
 
 
-def document_mask(seq_idx: torch.Tensor) -> torch.Tensor:
-    """(batch, 1, L, L) bool: causal within each packed document, nothing across them (block-diagonal)."""
-    length = seq_idx.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=seq_idx.device).tril()
-    return (causal & (seq_idx[:, :, None] == seq_idx[:, None, :]))[:, None]
+def document_mask(seq_idx: torch.Tensor, key_seq_idx: Optional[torch.Tensor] = None, offset: int = 0) -> torch.Tensor:
+    """(batch, 1, Lq, Lk) bool: causal within each packed document, nothing across them (block-diagonal). The
+    queries are keys offset .. offset + Lq - 1 (a context-parallel rank's slice of `key_seq_idx`)."""
+    key_seq_idx = seq_idx if key_seq_idx is None else key_seq_idx
+    q_pos = torch.arange(offset, offset + seq_idx.shape[1], device=seq_idx.device)
+    causal = q_pos[:, None] >= torch.arange(key_seq_idx.shape[1], device=seq_idx.device)[None, :]
+    return (causal & (seq_idx[:, :, None] == key_seq_idx[:, None, :]))[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (batch, heads, L, head_dim): rotate channel pairs (i, i + head_dim/2) by the position's angle."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal attention of q over k, v (batch, heads, L, head_dim); with seq_idx, within each packed document."""
+    if seq_idx is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(seq_idx))
 
 
 class KVCache:
@@ -70,6 +79,7 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim, self.rope_base = num_heads, d_model // num_heads, rope_base
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.attend = attend  # context parallelism swaps it for one over the whole sequence's keys
 
     def forward(self, h: torch.Tensor, seq_idx: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -80,10 +90,7 @@ class Attention(nn.Module):
         q, k, v = (t.reshape(batch, length, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         cos, sin = rope_tables(length, self.head_dim, self.rope_base, h.device, position_ids)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if seq_idx is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(seq_idx))
+        y = self.attend(q, k, v, seq_idx)
         return self.out_proj(y.transpose(1, 2).reshape(batch, length, -1))
 
     def forward_cached(self, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:

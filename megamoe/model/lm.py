@@ -195,11 +195,14 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
 
 
-def masked_mean(per_token: torch.Tensor, loss_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    if loss_mask is None:
-        return per_token.mean()
-    mask = loss_mask.float()
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+def count_tokens(mask: torch.Tensor) -> torch.Tensor:
+    """The tokens a loss is averaged over (context parallelism counts every rank's slice)."""
+    return mask.sum()
+
+
+def masked_mean(per_token: torch.Tensor, loss_mask: Optional[torch.Tensor], count=count_tokens) -> torch.Tensor:
+    mask = torch.ones_like(per_token) if loss_mask is None else loss_mask.float()
+    return (per_token * mask).sum() / count(mask).clamp(min=1.0)
 
 
 class MambaLM(nn.Module):
@@ -239,6 +242,7 @@ class MambaLM(nn.Module):
             if cfg.tie_embeddings and pre_process:
                 self.lm_head.weight = self.embedding.weight
         self.cross_entropy = cross_entropy
+        self.count_tokens = count_tokens
 
     def moe_layers(self) -> list:
         return [m for m in self.modules() if isinstance(m, SwitchMoE)]
@@ -271,7 +275,7 @@ class MambaLM(nn.Module):
         aux, z, stats = moe_summary(self.moe_layers())
         lm_loss = loss = None
         if labels is not None:
-            lm_loss = masked_mean(self.cross_entropy(logits, labels), loss_mask)
+            lm_loss = masked_mean(self.cross_entropy(logits, labels), loss_mask, self.count_tokens)
             loss = lm_loss + (aux + z).to(lm_loss.device)
         return LMOutput(loss, lm_loss, aux, z, logits, stats)
 

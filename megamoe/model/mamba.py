@@ -65,6 +65,9 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(d_inner))
         self.out_proj = projection("output", d_inner, d_model, proj_bias)
+        # The sequence ops, which context parallelism swaps for ones that carry the conv's halo and the scan's
+        # state across ranks (megamoe.parallel.context_parallel); the model itself knows no ranks.
+        self.causal_conv, self.scan = causal_conv1d, selective_scan
 
     def _in_projections(self, h: torch.Tensor):
         """(batch, L, d_model) -> x, z each (batch, L, d_inner_local)."""
@@ -74,7 +77,7 @@ class MambaMixer(nn.Module):
 
     def _conv(self, x: torch.Tensor, seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """silu(causal depthwise conv1d(x)); x (batch, d_inner, L)."""
-        return causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)
+        return self.causal_conv(x, self.conv1d.weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx)
 
     def _ssm_inputs(self, x: torch.Tensor):
         """x (batch, L, d_inner) after conv -> dt (batch, d_inner, L) before bias, B, C (batch, d_state, L)."""
@@ -95,9 +98,9 @@ class MambaMixer(nn.Module):
             cache[0][..., -keep:] = x[..., -keep:]
         x = self._conv(x, seq_idx)
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
-        out = selective_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z.transpose(1, 2),
-                             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                             return_last_state=cache is not None, seq_idx=seq_idx)
+        out = self.scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z.transpose(1, 2),
+                        delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                        return_last_state=cache is not None, seq_idx=seq_idx)
         if cache is not None:
             out, last = out
             cache[1].copy_(last)

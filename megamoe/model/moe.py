@@ -6,8 +6,10 @@
     load-balancing loss = weight * N_experts * sum_i f_i * P_i   (f_i: fraction of assignments to i, P_i: mean prob)
     router z-loss       = weight * mean(logsumexp(logits)^2)
 
-Capacity is counted over the tokens this module sees in one call (one micro-batch of one data-parallel rank,
-as Switch counts per device), in token order: the first `capacity` tokens routed to an expert are kept.
+Capacity is counted over one micro-batch of one data-parallel rank (as Switch counts per device), in token
+order: the first `capacity` tokens routed to an expert are kept. Under context parallelism a call sees one
+slice of every row; `sequence` (WholeSequence here) then counts the other slices' tokens too, so capacity, the
+losses and the routing totals are the whole micro-batch's.
 megatron-core's routing options (top-k, sigmoid scores, the expert bias, expert choice, per-sequence and
 global-batch losses, dropping by probability, shared experts) are `Routing` and router.py's; a dropped token of
 an MoE projection gets 0 there, or with `dense_fallback` a dense projection of the same shape.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -186,6 +189,28 @@ class LocalDispatcher:
         return y
 
 
+class WholeSequence:
+    """The tokens of one call are the whole micro-batch. Context parallelism swaps in its slices of it
+    (megamoe.parallel.context_parallel): `slices` of them, this one at `index`."""
+
+    slices, index = 1, 0
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """(slices, *t.shape): every slice's t."""
+        return t[None]
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the slices (no gradient)."""
+        return t
+
+    def token_ids(self, rows: int, tokens: int, device) -> torch.Tensor:
+        """(tokens,) each of this call's tokens' index in the whole micro-batch (rows x L, row-major)."""
+        length = tokens // rows
+        whole = length * self.slices
+        local = torch.arange(length, device=device) + self.index * length
+        return (torch.arange(rows, device=device)[:, None] * whole + local).reshape(-1)
+
+
 @dataclass
 class RoutingStats:
     tokens_per_expert: torch.Tensor  # (E,) assignments before dropping
@@ -212,6 +237,7 @@ class Assignments:
     dropped: int
     assignments: int
     unserved: torch.Tensor  # (tokens,) bool: no expert kept the token
+    every: Optional[torch.Tensor] = None  # (slices, k, rows, E) of token choice: see SwitchMoE.keep_mask
 
 
 @contextlib.contextmanager
@@ -254,29 +280,43 @@ class SwitchMoE(nn.Module):
         if dense_fallback:
             self.fallback = nn.Linear(d_model, d_out or d_model, bias=False)
         self.dispatcher = LocalDispatcher()
+        self.sequence = WholeSequence()
         self.layer_name = ""  # its place in the model, e.g. layers.1.moe (set by MambaLM)
         self.global_counts: Optional[torch.Tensor] = None
         self.last_aux_loss = self.last_z_loss = None
         self.last_stats: Optional[RoutingStats] = None
 
-    def _aux_loss(self, probs: torch.Tensor, expert_index: torch.Tensor, sequences: int) -> Optional[torch.Tensor]:
+    def _aux_loss(self, probs: torch.Tensor, expert_index: torch.Tensor, every: torch.Tensor) -> Optional[torch.Tensor]:
+        """This call's share of the balancing loss; `every` (slices, k, rows, E): the assignment counts of every
+        slice of the micro-batch's rows (one slice without context parallelism)."""
         kind, weight = self.routing.load_balancing_type, self.load_balancing_weight
         if kind == "none":
             return None
+        tokens = probs.shape[0] * self.sequence.slices
         if kind == "seq_aux_loss":
-            return weight * sequence_load_balancing_loss(probs, expert_index, self.num_experts, sequences)
+            rows = every.shape[2]
+            return weight * sequence_load_balancing_loss(probs, expert_index, self.num_experts, rows,
+                                                         every.sum((0, 1)), tokens // rows)
         if kind == "global_aux_loss" and self.global_counts is not None and self.training:
-            return weight * global_load_balancing_loss(probs, self.global_counts, self.num_experts)
-        return weight * load_balancing_loss(probs, expert_index, self.num_experts)
+            return weight * global_load_balancing_loss(probs, self.global_counts, self.num_experts, tokens)
+        return weight * load_balancing_loss(probs, expert_index, self.num_experts, every.sum((0, 1, 2)), tokens)
 
     def _z_loss(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
-        return self.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).mean() if self.z_loss_weight else None
+        if not self.z_loss_weight:
+            return None
+        tokens = logits.shape[0] * self.sequence.slices
+        return self.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).sum() / tokens
 
-    def keep_mask(self, expert_index: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(tokens, k) bool: within capacity. position: first choices of all tokens, then second choices...;
-        probs: each expert keeps its highest-weighted assignments (ties in that same order)."""
-        tokens = expert_index.shape[0]
-        cap = capacity(tokens, self.num_experts, self.top_k, self.capacity_factor)
+    def keep_mask(self, expert_index: torch.Tensor, weights: Optional[torch.Tensor] = None, rows: int = 1):
+        """(tokens, k) bool: within capacity; and `every` (slices, k, rows, E), the assignments of every slice's
+        rows (the queue in front of this slice), and the capacity. position: first choices of all tokens, then
+        second choices..., in token order (rows x L, row-major; under context parallelism each row's slices in
+        rank order); probs: each expert keeps its highest-weighted assignments (ties in that same order; one
+        slice only)."""
+        tokens, k = expert_index.shape
+        one_hot = F.one_hot(expert_index.t().reshape(k, rows, tokens // rows), self.num_experts)  # (k, rows, L, E)
+        every = self.sequence.gather(one_hot.sum(2))  # (slices, k, rows, E)
+        cap = capacity(tokens * self.sequence.slices, self.num_experts, k, self.capacity_factor)
         flat = expert_index.t().reshape(-1)  # choice-major order
         if self.routing.drop_policy == "probs" and weights is not None and cap < flat.numel():
             order = torch.argsort(-weights.detach().t().reshape(-1), stable=True)
@@ -285,36 +325,40 @@ class SwitchMoE(nn.Module):
             starts = torch.cumsum(per_expert, 0) - per_expert
             rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
             keep = torch.zeros_like(flat, dtype=torch.bool).scatter(0, order, rank < cap)
-            return keep.reshape(self.top_k, tokens).t()
-        one_hot = F.one_hot(flat, self.num_experts)
-        position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # position of each assignment in its expert's queue
-        return (position < cap).reshape(self.top_k, tokens).t()
+            return keep.reshape(k, tokens).t(), every, cap
+        queue = every.permute(1, 2, 0, 3).flatten(0, 2)  # (k, rows, slice) order
+        before = (queue.cumsum(0) - queue).view(k, rows, -1, self.num_experts)[:, :, self.sequence.index]
+        position = ((before[:, :, None] + one_hot.cumsum(2)) * one_hot).sum(-1) - 1  # in its expert's queue
+        return (position < cap).reshape(k, tokens).t(), every, cap
 
-    def _assignments(self, logits: torch.Tensor, gates: torch.Tensor) -> "Assignments":
+    def _assignments(self, logits: torch.Tensor, gates: torch.Tensor, rows: int) -> "Assignments":
         tokens = logits.shape[0]
-        if self.routing.router_type == "expert_choice" and self.training:
+        if self.routing.router_type == "expert_choice" and self.training:  # one slice only (config refuses CP)
             cap = capacity(tokens, self.num_experts, self.top_k, self.capacity_factor)
             token_of, expert_of, weight_of = expert_choice(gates, cap)
             unserved = torch.ones(tokens, dtype=torch.bool, device=logits.device).index_fill(0, token_of, False)
             return Assignments(token_of, expert_of, weight_of, None,
                                torch.bincount(expert_of, minlength=self.num_experts), int(unserved.sum()), tokens,
                                unserved)
-        expert_index, weights = token_choice(logits, gates, self.top_k, self.routing, self.router.expert_bias)
-        keep = self.keep_mask(expert_index, weights)
+        token_ids = (self.sequence.token_ids(rows, tokens, logits.device) if self.routing.force_load_balancing
+                     else None)
+        expert_index, weights = token_choice(logits, gates, self.top_k, self.routing, self.router.expert_bias,
+                                             token_ids)
+        keep, every, cap = self.keep_mask(expert_index, weights, rows)
         token_of = torch.arange(tokens, device=logits.device)[:, None].expand_as(expert_index)[keep]
-        return Assignments(token_of, expert_index[keep], weights[keep], expert_index,
-                           torch.bincount(expert_index.flatten(), minlength=self.num_experts),
-                           int(keep.numel() - keep.sum()), keep.numel(), ~keep.any(1))
+        per_expert = every.sum((0, 1, 2))  # the whole micro-batch's; each expert keeps up to `cap` of them
+        return Assignments(token_of, expert_index[keep], weights[keep], expert_index, per_expert,
+                           int((per_expert - cap).clamp(min=0).sum()), int(per_expert.sum()), ~keep.any(1),
+                           every)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         x = h.reshape(-1, shape[-1])
         logits = self.router(x)
         gates, probs = router_scores(logits, self.routing.score_function)
-        a = self._assignments(logits, gates)
+        a = self._assignments(logits, gates, math.prod(shape[:-2]))
         token_of, expert_of, weight_of = a.token_of, a.expert_of, a.weight_of
-        aux = None if a.expert_index is None else self._aux_loss(probs, a.expert_index,
-                                                                 shape[0] if h.dim() == 3 else 1)
+        aux = None if a.expert_index is None else self._aux_loss(probs, a.expert_index, a.every)
         z = self._z_loss(logits)
 
         order = torch.argsort(expert_of, stable=True)  # permute: group assignments by expert
@@ -329,10 +373,14 @@ class SwitchMoE(nn.Module):
             rows = a.unserved.nonzero().squeeze(1)
             out = out.index_add(0, rows, self.fallback(x[rows]).to(out.dtype))
 
-        self.last_aux_loss = aux.detach() if aux is not None else None
-        self.last_z_loss = z.detach() if z is not None else None
-        self.last_stats = RoutingStats(a.tokens_per_expert.detach(), a.dropped, a.assignments,
-                                       entropy_sum(probs.detach()), x.shape[0])
+        # What is reported is the whole micro-batch's: the slices' shares summed (nothing to sum in one slice).
+        zero = probs.new_zeros(())
+        whole = self.sequence.sum(torch.stack([zero if aux is None else aux.detach(),
+                                               zero if z is None else z.detach(), entropy_sum(probs.detach())]))
+        self.last_aux_loss = whole[0] if aux is not None else None
+        self.last_z_loss = whole[1] if z is not None else None
+        self.last_stats = RoutingStats(a.tokens_per_expert.detach(), a.dropped, a.assignments, whole[2],
+                                       x.shape[0] * self.sequence.slices)
         losses = [t for t in (aux, z) if t is not None]
         if losses:
             out = attach_aux_loss(out, sum(losses[1:], losses[0]))

@@ -83,13 +83,16 @@ def router_scores(logits: torch.Tensor, score_function: str) -> tuple:
 
 
 def token_choice(logits: torch.Tensor, gates: torch.Tensor, top_k: int, routing: Routing,
-                 bias: Optional[torch.Tensor] = None) -> tuple:
+                 bias: Optional[torch.Tensor] = None, token_ids: Optional[torch.Tensor] = None) -> tuple:
     """(expert_index, weights), each (tokens, k): the experts every token chooses and their gating weights.
-    `bias` (E,) is added to what the choice reads, never to the weights."""
+    `bias` (E,) is added to what the choice reads, never to the weights. `token_ids` (tokens,): each token's
+    index in its micro-batch, which forced balancing deals by (default: 0, 1, ...)."""
     tokens, num_experts = logits.shape
     post_softmax = routing.score_function == "softmax" and not routing.pre_softmax
     if routing.force_load_balancing:  # token t deals to experts t*k .. t*k + k - 1 (mod E): even to one token
-        rows = torch.arange(tokens, device=logits.device)[:, None] * top_k
+        if token_ids is None:
+            token_ids = torch.arange(tokens, device=logits.device)
+        rows = token_ids[:, None] * top_k
         expert_index = (rows + torch.arange(top_k, device=logits.device)) % num_experts
     else:
         select = logits if post_softmax else gates
@@ -112,27 +115,38 @@ def expert_choice(gates: torch.Tensor, expert_capacity: int) -> tuple:
     return token.reshape(-1), expert.reshape(-1), weight.reshape(-1)
 
 
-def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Switch's N * sum_i f_i * P_i (unweighted). probs (tokens, E) fp32; expert_index (tokens, k)."""
-    counts = torch.bincount(expert_index.flatten(), minlength=num_experts).to(probs.dtype)
-    f = counts / expert_index.numel()
-    return num_experts * torch.sum(f * probs.mean(0))
+def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, num_experts: int,
+                        counts: Optional[torch.Tensor] = None, tokens: Optional[int] = None) -> torch.Tensor:
+    """Switch's N * sum_i f_i * P_i (unweighted). probs (tokens, E) fp32; expert_index (tokens, k). When `probs`
+    are one slice of a micro-batch (context parallelism), `counts` (E,) and `tokens` are the whole micro-batch's:
+    the slices' losses then add up to the whole's."""
+    if counts is None:
+        counts = torch.bincount(expert_index.flatten(), minlength=num_experts)
+    counts = counts.to(probs.dtype)
+    f = counts / counts.sum().clamp(min=1)
+    return num_experts * torch.sum(f * probs.sum(0)) / (tokens or probs.shape[0])
 
 
 def sequence_load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, num_experts: int,
-                                 sequences: int) -> torch.Tensor:
-    """The Switch loss of each sequence on its own, averaged over the `sequences` (tokens in sequence order)."""
+                                 sequences: int, counts: Optional[torch.Tensor] = None,
+                                 length: Optional[int] = None) -> torch.Tensor:
+    """The Switch loss of each sequence on its own, averaged over the `sequences` (tokens in sequence order).
+    One slice of each sequence (context parallelism): `counts` (sequences, E) and `length` are the whole ones'."""
     tokens, top_k = expert_index.shape
-    length = tokens // sequences
-    counts = F.one_hot(expert_index, num_experts).sum(1).view(sequences, length, num_experts).sum(1)
+    local = tokens // sequences
+    if counts is None:
+        counts = F.one_hot(expert_index, num_experts).sum(1).view(sequences, local, num_experts).sum(1)
+    length = length or local
     f = counts.to(probs.dtype) / (length * top_k)
-    return num_experts * (f * probs.view(sequences, length, num_experts).mean(1)).sum(-1).mean()
+    return num_experts * (f * probs.view(sequences, local, num_experts).sum(1) / length).sum(-1).mean()
 
 
-def global_load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """N * sum_i f_i * P_i with f_i from `counts` (E,): the assignments of a whole global batch."""
+def global_load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, num_experts: int,
+                               tokens: Optional[int] = None) -> torch.Tensor:
+    """N * sum_i f_i * P_i with f_i from `counts` (E,): the assignments of a whole global batch; P_i over the
+    micro-batch (of `tokens`, when `probs` are one slice of it)."""
     counts = counts.to(probs.device, probs.dtype)
-    return num_experts * torch.sum(counts / counts.sum().clamp(min=1) * probs.mean(0))
+    return num_experts * torch.sum(counts / counts.sum().clamp(min=1) * probs.sum(0)) / (tokens or probs.shape[0])
 
 
 def entropy_sum(probs: torch.Tensor) -> torch.Tensor:

@@ -112,7 +112,7 @@ class _SelectiveScanCore(torch.autograd.Function):
     and time-major copies of delta and u (transposing is a large part of the cost, so it is done once)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, chunk_size, save_for_backward, resets):
+    def forward(ctx, u, delta, A, B, C, chunk_size, save_for_backward, resets, h0):
         batch, d_inner, length = u.shape
         d_state = A.shape[1]
         T = _chunk_len(batch, d_inner, d_state, length, chunk_size)
@@ -125,6 +125,8 @@ class _SelectiveScanCore(torch.autograd.Function):
         B_c, C_c = u.new_empty(T, batch, d_state), u.new_empty(T, batch, d_state)
         dA = u.new_empty(T, batch, d_state, d_inner)
         H = u.new_zeros(T + 1, batch, d_state, d_inner)  # H[0]: the state entering the chunk
+        if h0 is not None:
+            H[0].copy_(h0.transpose(1, 2))
         dA_steps, H_steps = dA.unbind(0), H.unbind(0)
         states = u.new_empty(n_chunks, batch, d_state, d_inner)
         y = u.new_empty(batch, d_inner, length)
@@ -143,7 +145,7 @@ class _SelectiveScanCore(torch.autograd.Function):
         last_state = H[0].transpose(1, 2).contiguous()  # (batch, d_inner, d_state)
         if save_for_backward:
             ctx.save_for_backward(delta_tm, u_tm, A, B, C, states)
-            ctx.chunk, ctx.resets = T, resets
+            ctx.chunk, ctx.resets, ctx.has_h0 = T, resets, h0 is not None
         return y, last_state
 
     @staticmethod
@@ -214,7 +216,8 @@ class _SelectiveScanCore(torch.autograd.Function):
             return x.permute(1, 2, 0).contiguous() if x is not None else None
 
         dA_param = dA_acc.view(T * batch, d_state, d_inner).sum(0).t().contiguous() if need_A else None
-        return du, ddelta, dA_param, grad_BC(dB), grad_BC(dC), None, None, None
+        dh0 = carry.transpose(1, 2).contiguous() if ctx.has_h0 else None  # the gradient of the state before step 0
+        return du, ddelta, dA_param, grad_BC(dB), grad_BC(dC), None, None, None, dh0
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias):
@@ -240,11 +243,12 @@ def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
                        D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                        delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
                        return_last_state: bool = False, seq_idx: Optional[torch.Tensor] = None,
-                       chunk_size: Optional[int] = None):
+                       initial_state: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None):
     """mamba_ssm's selective_scan_fn on CPU. u, delta, z: (batch, d_inner, L); A: (d_inner, d_state);
     B, C: (batch, d_state, L); D, delta_bias: (d_inner,); seq_idx: (batch, L) int32, the state restarts where it
-    changes. Returns y (batch, d_inner, L) in u's dtype [and the last state (batch, d_inner, d_state),
-    float32]. Computes in float32 (float64 for float64 inputs); differentiable in every tensor input.
+    changes; initial_state: (batch, d_inner, d_state), the state before step 0 (default zeros). Returns y
+    (batch, d_inner, L) in u's dtype [and the last state (batch, d_inner, d_state), float32]. Computes in float32
+    (float64 for float64 inputs); differentiable in every tensor input.
     chunk_size: time steps per chunk (default: from the shapes, <= 64)."""
     _check(u, delta, A, B, C, D, z, delta_bias)
     if seq_idx is not None:
@@ -257,9 +261,14 @@ def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     if delta_softplus:
         delta_c = F.softplus(delta_c)
     A_c, B_c, C_c = A.to(compute), B.to(compute), C.to(compute)
-    backward_follows = torch.is_grad_enabled() and any(x.requires_grad for x in (u_c, delta_c, A_c, B_c, C_c))
+    h0 = initial_state.to(compute) if initial_state is not None else None
+    if h0 is not None and tuple(h0.shape) != (u.shape[0], u.shape[1], A.shape[1]):
+        raise ValueError(f"selective_scan: initial_state must have shape (batch, d_inner, d_state) = "
+                         f"{(u.shape[0], u.shape[1], A.shape[1])}, got {tuple(h0.shape)}")
+    backward_follows = torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                                       for x in (u_c, delta_c, A_c, B_c, C_c, h0))
     y, last_state = _SelectiveScanCore.apply(u_c, delta_c, A_c, B_c, C_c, chunk_size, backward_follows,
-                                             _Resets(seq_idx))
+                                             _Resets(seq_idx), h0)
     if D is not None:
         y = y + u_c * D.to(compute)[None, :, None]
     if z is not None:

@@ -17,9 +17,11 @@ from megamoe.ops.seq_idx import check_seq_idx, document_starts
 def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                        C: torch.Tensor, D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                        delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
-                       return_last_state: bool = False, seq_idx: Optional[torch.Tensor] = None):
+                       return_last_state: bool = False, seq_idx: Optional[torch.Tensor] = None,
+                       initial_state: Optional[torch.Tensor] = None):
     """u, delta, z: (batch, d_inner, L); A: (d_inner, d_state); B, C: (batch, d_state, L);
-    D, delta_bias: (d_inner,); seq_idx: (batch, L) int32. Returns y (batch, d_inner, L) [and the last state
+    D, delta_bias: (d_inner,); seq_idx: (batch, L) int32; initial_state (batch, d_inner, d_state): the state
+    before step 0 (default zeros). Returns y (batch, d_inner, L) [and the last state
     (batch, d_inner, d_state)]. Computes in float32 (float64 for float64 inputs) and returns u's dtype, as
     mamba_ssm does."""
     dtype_in = u.dtype
@@ -35,7 +37,7 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
         check_seq_idx(seq_idx, batch, length, "selective_scan_ref")
         deltaA = deltaA * (~document_starts(seq_idx)).to(compute)[:, None, :, None]
     deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
-    h = u.new_zeros(batch, d_inner, A.shape[1])
+    h = u.new_zeros(batch, d_inner, A.shape[1]) if initial_state is None else initial_state.to(compute)
     ys = []
     for t in range(length):
         h = deltaA[:, :, t] * h + deltaB_u[:, :, t]

@@ -47,7 +47,10 @@ class GradientReducer:
         params = [p for p in params if p.requires_grad]
         self.sequence_parallel = [p for p in params if getattr(p, "sequence_parallel", False)]
         self.buckets = []
-        for expert, group, size in ((False, topo.dp_group, topo.dp), (True, topo.edp_group, topo.edp)):
+        # Dense gradients are summed over CP (its ranks hold the same weights and other tokens, each loss already
+        # divided by the whole micro-batch's token count) and averaged over DP: one reduction over DP x CP.
+        dense_group = topo.dp_cp_group if topo.cp > 1 else topo.dp_group
+        for expert, group, size in ((False, dense_group, topo.dp * topo.cp), (True, topo.edp_group, topo.edp)):
             members = [p for p in reversed(params) if is_expert(p) == expert]
             current, nbytes = [], 0
             for p in members:
@@ -63,7 +66,7 @@ class GradientReducer:
         self.expected = 0
         self.launched = 0
         # Expert-DP can exceed DP (whole experts under TP > 1 are copied over the TP ranks too).
-        self.active = topo.dp > 1 or topo.edp > 1
+        self.active = topo.dp * topo.cp > 1 or topo.edp > 1
         if self.active:
             for p in params:
                 p.register_post_accumulate_grad_hook(self._on_grad)

@@ -1,6 +1,6 @@
 """ZeRO-1 (`--use-distributed-optimizer`): optimizer state sharded over the data-parallel replicas.
 
-Each parameter is owned by one rank of its gradient-averaging group (dense: DP, experts: expert-DP),
+Each parameter is owned by one rank of its gradient-reducing group (dense: DP x CP, experts: expert-DP),
 assigned greedily by size so owners hold about equal state. Every rank still averages the full gradients
 (so clipping sees the same norm everywhere); only the owner keeps Adam's moments and steps the parameter,
 then broadcasts the new values to the other replicas, one flat bucket per owner. Whole parameters are owned
@@ -24,8 +24,9 @@ class ParamOwners:
         self.groups = []  # (process group, size, {owner group rank: [params]})
         self.mine = set()
         for expert in (False, True):
-            group, size, rank = ((topo.edp_group, topo.edp, topo.edp_rank) if expert
-                                 else (topo.dp_group, topo.dp, topo.dp_rank))
+            group, size, rank = ((topo.edp_group, topo.edp, topo.edp_rank) if expert else
+                                 (topo.dp_cp_group, topo.dp * topo.cp, topo.dp_cp_rank) if topo.cp > 1 else
+                                 (topo.dp_group, topo.dp, topo.dp_rank))
             members = [p for p in params if getattr(p, "is_expert", False) == expert]
             load, owned = [0] * size, {r: [] for r in range(size)}
             for p in sorted(members, key=lambda p: -p.numel()):  # stable: same order on every replica

@@ -30,6 +30,7 @@ from torch import nn
 
 from megamoe.config import Config, block_kinds
 from megamoe.model import Block, Experts, MambaLM, MambaMixer
+from megamoe.parallel.context_parallel import parallelize_context
 from megamoe.parallel.expert_parallel import parallelize_moe
 from megamoe.parallel.pipeline import mark_shared_embedding_copy, stage_blocks, stage_model_args
 from megamoe.parallel.plan import shard_spec_for
@@ -199,6 +200,8 @@ def build_parallel_model(cfg: Config, topo, paths: Optional[FastPaths] = None) -
     model = MambaLM(cfg.model, seed=cfg.training.seed,
                     block_hook=lambda b: parallelize_block(b, topo, paths, sp), **stage)
     parallelize_embeddings(model, topo, paths, sp)
+    if topo.cp > 1:
+        parallelize_context(model, topo)
     mark_shared_embedding_copy(model, topo)
     for index in recomputed_blocks(cfg) & set(map(int, model.layers)):
         model.layers[str(index)].recompute = True

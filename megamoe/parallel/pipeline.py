@@ -33,6 +33,7 @@ from megamoe.model import (
     moe_layer_names,
     moe_summary,
 )
+from megamoe.parallel.context_parallel import local_batch
 
 
 def block_costs(cfg: ModelConfig) -> list:
@@ -141,7 +142,7 @@ class Pipeline:
         """Shapes the stages exchange, given up front (static mode: no inference forward, whose MoE routing
         would also count in the step's statistics): tokens into the first stage, logits out of the last
         (this rank's vocabulary shard, float32), hidden states (float32, the residual stream) otherwise."""
-        shape = (self.cfg.training.micro_batch_size, self.cfg.data.seq_length)
+        shape = (self.cfg.training.micro_batch_size, self.cfg.data.seq_length // self.topo.cp)
         if end and kind == "input":
             return torch.empty(shape, dtype=torch.long, device="meta")
         if not end and self.cfg.parallel.sequence_parallel:  # hidden states hold this rank's 1/TP of the sequence
@@ -151,12 +152,13 @@ class Pipeline:
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """target: (batch, 2, L) = labels and loss mask, packed so the schedule splits them together."""
-        lm_loss = masked_mean(self.lm.cross_entropy(logits, target[:, 0]), target[:, 1])
+        lm_loss = masked_mean(self.lm.cross_entropy(logits, target[:, 0]), target[:, 1], self.lm.count_tokens)
         self.lm_losses.append(lm_loss.detach())
         return lm_loss * (self.loss_scale / self.num_micro)
 
     def _run(self, batches: list, train: bool) -> None:
         device = self.topo.device
+        batches = [local_batch({k: v.to(device) for k, v in b.items()}, self.topo) for b in batches]
         tokens = torch.cat([b["tokens"] for b in batches]).to(device)
         target = torch.cat([torch.stack([b["labels"], b["loss_mask"].long()], 1) for b in batches]).to(device)
         first, last = self.topo.is_first_stage, self.topo.is_last_stage

@@ -138,21 +138,21 @@ def reduce_from_tp(x: torch.Tensor, group=None) -> torch.Tensor:
 # Sequence parallelism: outside the TP regions (norms, residual adds) each TP rank holds 1/TP of the sequence.
 # megatron-core's mappings for this assume sequence-first tensors and allocate on the current CUDA device;
 # megamoe's activations are (batch, L, d), so these device-agnostic ones work along dim 1.
-def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+def _all_gather_seq(x: torch.Tensor, group, kind: str = "tp") -> torch.Tensor:
     world = dist.get_world_size(group)
     xt = x.transpose(0, 1).contiguous()
     out = xt.new_empty((xt.shape[0] * world,) + tuple(xt.shape[1:]))
     dist.all_gather_into_tensor(out, xt, group=group)
-    COUNTER.add("tp_all_gather", out.numel() * out.element_size() * (world - 1) // world)
+    COUNTER.add(f"{kind}_all_gather", out.numel() * out.element_size() * (world - 1) // world)
     return out.transpose(0, 1).contiguous()
 
 
-def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+def _reduce_scatter_seq(x: torch.Tensor, group, kind: str = "tp") -> torch.Tensor:
     world = dist.get_world_size(group)
     xt = x.transpose(0, 1).contiguous()
     out = xt.new_empty((xt.shape[0] // world,) + tuple(xt.shape[1:]))
     dist.reduce_scatter_tensor(out, xt, group=group)
-    COUNTER.add("tp_reduce_scatter", xt.numel() * xt.element_size() * (world - 1) // world)
+    COUNTER.add(f"{kind}_reduce_scatter", xt.numel() * xt.element_size() * (world - 1) // world)
     return out.transpose(0, 1).contiguous()
 
 
@@ -162,15 +162,15 @@ def _own_chunk(x: torch.Tensor, group) -> torch.Tensor:
 
 class _GatherSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, grad_is_partial):
-        ctx.group, ctx.grad_is_partial = group, grad_is_partial
-        return _all_gather_seq(x, group)
+    def forward(ctx, x, group, grad_is_partial, kind):
+        ctx.group, ctx.grad_is_partial, ctx.kind = group, grad_is_partial, kind
+        return _all_gather_seq(x, group, kind)
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.grad_is_partial:
-            return _reduce_scatter_seq(grad, ctx.group), None, None
-        return _own_chunk(grad, ctx.group), None, None
+            return _reduce_scatter_seq(grad, ctx.group, ctx.kind), None, None, None
+        return _own_chunk(grad, ctx.group), None, None, None
 
 
 class _ToSequenceShard(torch.autograd.Function):
@@ -187,10 +187,11 @@ class _ToSequenceShard(torch.autograd.Function):
         return _all_gather_seq(grad, ctx.group), None, None
 
 
-def gather_sequence(x: torch.Tensor, group, grad_is_partial: bool = True) -> torch.Tensor:
+def gather_sequence(x: torch.Tensor, group, grad_is_partial: bool = True, kind: str = "tp") -> torch.Tensor:
     """(batch, L / TP, ...) -> (batch, L, ...). Backward: reduce-scatter when what follows is TP-partial (a
-    column-parallel layer), this rank's slice when it is replicated (the Switch router and its experts)."""
-    return _GatherSequence.apply(x, group, grad_is_partial)
+    column-parallel layer), this rank's slice when it is replicated (the Switch router and its experts).
+    `kind` names the bytes in COUNTER (context parallelism gathers attention's keys with it too)."""
+    return _GatherSequence.apply(x, group, grad_is_partial, kind)
 
 
 def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:

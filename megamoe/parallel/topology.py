@@ -125,6 +125,7 @@ class Topology:
     dp: int
     edp: int
     vpp: Optional[int]
+    cp: int = 1
     _background: Optional[object] = field(default=None, repr=False)
 
     @property
@@ -163,6 +164,23 @@ class Topology:
     @property
     def edp_rank(self) -> int:
         return ps.get_expert_data_parallel_rank()
+
+    @property
+    def cp_rank(self) -> int:
+        return ps.get_context_parallel_rank()
+
+    @property
+    def cp_group(self):
+        return ps.get_context_parallel_group()
+
+    @property
+    def dp_cp_group(self):
+        """DP x CP: the replicas of the dense parameters (CP ranks hold the same weights, other tokens)."""
+        return ps.get_data_parallel_group(with_context_parallel=True)
+
+    @property
+    def dp_cp_rank(self) -> int:
+        return ps.get_data_parallel_rank(with_context_parallel=True)
 
     @property
     def tp_group(self):
@@ -229,8 +247,9 @@ class Topology:
         return self._background
 
     def describe(self) -> str:
+        cp = f"CP {self.cp} x " if self.cp > 1 else ""
         return (f"world {self.world_size} ({self.env.launcher}, {self.backend} on {self.device.type}) = "
-                f"TP {self.tp} x PP {self.pp} x DP {self.dp}; experts: EP {self.ep} x ETP {self.etp} x "
+                f"TP {self.tp} x {cp}PP {self.pp} x DP {self.dp}; experts: EP {self.ep} x ETP {self.etp} x "
                 f"expert-DP {self.edp}" + (f"; virtual stages {self.vpp}" if self.vpp else ""))
 
 
@@ -266,6 +285,7 @@ def init_distributed(parallel: ParallelConfig) -> Topology:
     ps.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
         virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.resolved_etp,
@@ -274,10 +294,11 @@ def init_distributed(parallel: ParallelConfig) -> Topology:
         create_gloo_process_groups=use_cuda,
     )
     world = env.world_size
-    tp, pp, ep, etp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                       parallel.expert_model_parallel_size, parallel.resolved_etp)
+    tp, pp, ep, etp, cp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                           parallel.expert_model_parallel_size, parallel.resolved_etp, parallel.context_parallel_size)
     return Topology(env=env, device=device, backend=backend, tp=tp, pp=pp, ep=ep, etp=etp,
-                    dp=world // (tp * pp), edp=world // (etp * ep * pp), vpp=vpp if vpp and vpp > 1 else None)
+                    dp=world // (tp * cp * pp), edp=world // (etp * ep * pp), vpp=vpp if vpp and vpp > 1 else None,
+                    cp=cp)
 
 
 def destroy_distributed() -> None:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megamoe.config import Config
 from megamoe.model import MoETotals, aux_loss_scale, moe_layer_names
 from megamoe.parallel import Topology, get_rng_state, set_rng_state
+from megamoe.parallel.context_parallel import local_batch, sum_over_cp
 from megamoe.parallel.data_parallel import GradientReducer, clip_gradients
 from megamoe.parallel.pipeline import Pipeline
 from megamoe.parallel.te import fp8_context
@@ -58,6 +59,7 @@ class MicroBatches:
 
     def _forward(self, batch):
         batch = {k: v.to(self.topo.device, non_blocking=True) for k, v in batch.items()}  # from pinned memory
+        batch = local_batch(batch, self.topo)
         return self.model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"],
                           seq_idx=batch.get("seq_idx"), position_ids=batch.get("position_ids"))
 
@@ -117,6 +119,7 @@ def _gradients(runner, batches: list, cfg: Config, topo: Topology) -> tuple:
     with _autocast(cfg, topo.device), fp8_context(cfg, topo), aux_loss_scale(runner.loss_scale / len(batches)), \
             global_routing_counts(runner, batches, cfg, topo):
         sums, table = runner.forward_backward(batches)
+    sums[:1] = sum_over_cp(sums[:1], topo)  # the LM loss: every CP rank's share of its micro-batch
     runner.fwd_bwd_s = time.perf_counter() - start  # this rank's, before it waits for the others' gradients
     runner.reducer.finish()
     runner.sync_shared_grads()
@@ -202,4 +205,4 @@ def evaluate(runner, batches, cfg: Config, topo: Topology) -> float:
             loss = runner.evaluate(batches)
     finally:
         runner.model.train()
-    return float(_mean_over_dp(torch.tensor([loss], dtype=torch.float64), topo))
+    return float(_mean_over_dp(sum_over_cp(torch.tensor([loss], dtype=torch.float64), topo), topo))

@@ -13,14 +13,15 @@ from megamoe.training.schedule import lr_at
 GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, TRAIN_ITERS = 4, 1, 16, 64, 10
 
 
-def config(tp=1, ep=1, pp=1, zero=False, **model):
+def config(tp=1, ep=1, pp=1, zero=False, cp=1, **model):
     """MoE-Mamba with attention, FFN and SwiGLU experts, so every kind of TP/EP split is exercised."""
     base = {"pattern": "MEAF", "d_model": 32, "d_state": 8, "num_experts": 4, "vocab_size": VOCAB,
             "num_heads": 4, "expert_activation": "swiglu", "capacity_factor": 0.75}
     return config_from_dict({
         "model": {**base, **model},
         "parallel": {"tensor_model_parallel_size": tp, "expert_model_parallel_size": ep,
-                     "pipeline_model_parallel_size": pp, "distributed_optimizer": zero},
+                     "pipeline_model_parallel_size": pp, "context_parallel_size": cp,
+                     "distributed_optimizer": zero},
         "data": {"mock": True, "seq_length": SEQ},
         "training": {"micro_batch_size": MICRO_BATCH, "global_batch_size": GLOBAL_BATCH, "seed": 5,
                      "train_iters": TRAIN_ITERS},

@@ -24,6 +24,10 @@ SCAN_CASES = {
     # packed documents: a start at a chunk edge (8), two in a row (9, 10), one right after the first step, none
     "packed_documents": dict(batch=3, d_inner=3, d_state=12, seqlen=19, chunk_len=8,
                              docs=[[8, 1, 1, 9], [1, 18], [19]]),
+    # a state handed in from before the sequence (context parallelism), also with documents that cut it
+    "initial_state": dict(batch=2, d_inner=3, d_state=8, seqlen=13, chunk_len=4, initial=True),
+    "initial_state_packed": dict(batch=2, d_inner=3, d_state=8, seqlen=13, chunk_len=4, initial=True,
+                                 docs=[[5, 8], [13]]),
 }
 STATE_UPDATE_CASES = {
     "d_state12": dict(batch=2, d_inner=5, d_state=12),
@@ -58,7 +62,7 @@ def _leaves(tensors, device):
 
 
 def check_scan(device, batch, d_inner, d_state, seqlen, chunk_len, dtype=torch.float32, D=True, z=True,
-               delta_bias=True, softplus=True, last_state=True, strided=False, docs=None) -> None:
+               delta_bias=True, softplus=True, last_state=True, strided=False, docs=None, initial=False) -> None:
     """Values and gradients of every input of selective_scan_triton against selective_scan_ref (with seq_idx of
     rows packed from documents of lengths `docs`)."""
     from megamoe.kernels.selective_scan import selective_scan_triton
@@ -71,7 +75,7 @@ def check_scan(device, batch, d_inner, d_state, seqlen, chunk_len, dtype=torch.f
     A = -torch.exp(0.5 * rand(d_inner, d_state))  # A = -exp(A_log), as the mixer builds it
     B, C = rand(batch, d_state, seqlen).to(dtype), rand(batch, d_state, seqlen).to(dtype)
     inputs = [u, delta, A, B, C, rand(d_inner) if D else None, z_in if z else None,
-              0.3 * rand(d_inner) if delta_bias else None]
+              0.3 * rand(d_inner) if delta_bias else None, rand(batch, d_inner, d_state) if initial else None]
     kernel_in, ref_in = _leaves(inputs, device), _leaves(inputs, device)
     args = list(kernel_in)
     if strided:
@@ -82,11 +86,14 @@ def check_scan(device, batch, d_inner, d_state, seqlen, chunk_len, dtype=torch.f
         args[1] = args[1].transpose(1, 2).contiguous().transpose(1, 2)
         assert not args[0].is_contiguous() and args[1].stride(-1) != 1
     seq = seq_idx_of(docs, device) if docs else None
-    out = selective_scan_triton(*args, softplus, last_state, chunk_len=chunk_len, seq_idx=seq)
-    ref = selective_scan_ref(*ref_in, delta_softplus=softplus, return_last_state=last_state, seq_idx=seq)
+    h0, h0_ref = args.pop(), ref_in[-1]
+    out = selective_scan_triton(*args, softplus, last_state, chunk_len=chunk_len, seq_idx=seq, initial_state=h0)
+    ref = selective_scan_ref(*ref_in[:-1], delta_softplus=softplus, return_last_state=last_state, seq_idx=seq,
+                             initial_state=h0_ref)
     out, ref = (out, ref) if last_state else ((out,), (ref,))
     with torch.no_grad():  # the inference path saves no states
-        inference = selective_scan_triton(*args, softplus, last_state, chunk_len=chunk_len, seq_idx=seq)
+        inference = selective_scan_triton(*args, softplus, last_state, chunk_len=chunk_len, seq_idx=seq,
+                                          initial_state=h0)
     for name, o, r in zip(("no_grad y", "no_grad last_state"), inference if last_state else (inference,), out):
         assert torch.equal(o, r.detach()), f"{name} differs from the training forward"
     assert out[0].dtype == dtype, f"y: dtype {out[0].dtype}, expected u's dtype {dtype}"
@@ -95,7 +102,7 @@ def check_scan(device, batch, d_inner, d_state, seqlen, chunk_len, dtype=torch.f
     grads = [torch.randn(o.shape, generator=g).to(device=device, dtype=o.dtype) for o in out]
     torch.autograd.backward(out, grads)
     torch.autograd.backward(ref, grads)
-    for name, k, r in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), kernel_in, ref_in):
+    for name, k, r in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"), kernel_in, ref_in):
         if k is not None:
             assert_near(f"d{name}", k.grad, r.grad, TOL[dtype])
 

@@ -16,7 +16,7 @@ INT32 = ("seq_ptr",)
 FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
 SCAN = dict(FLAGS, HAS_SEQ=True)  # packed documents: the decay cut at their starts
 KERNELS = {
-    "scan_fwd": (selective_scan._scan_fwd_kernel, dict(SCAN, SAVE_STATES=True, SAVE_LAST=True, CHUNK_L=64,
+    "scan_fwd": (selective_scan._scan_fwd_kernel, dict(SCAN, HAS_H0=True, SAVE_STATES=True, SAVE_LAST=True, CHUNK_L=64,
                                                         BLOCK_N=16, BLOCK_D=4, BLOCK_L=32), 4),
     "scan_bwd": (selective_scan._scan_bwd_kernel, dict(SCAN, HAS_DLAST=True, BLOCK_N=16, CHUNK_L=64, GROUP_D=8,
                                                         BLOCK_D=2), 8),

@@ -10,6 +10,7 @@ import torch
 from megamoe.config import config_from_dict
 from megamoe.data.packing import add_document_fields
 from megamoe.parallel import destroy_distributed, init_distributed, set_seed
+from megamoe.parallel.comm import COUNTER
 from megamoe.parallel.distributed_optimizer import ParamOwners
 from megamoe.parallel.parallelize import build_parallel_model
 from megamoe.testing import full_tensors, run_on_ranks
@@ -22,11 +23,12 @@ STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, EOD = 3, 4, 1, 16, 64, 3
 def _config(layout: dict):
     """The test model in `layout`: parallel config keys (tensor_model_parallel_size, ...), plus zero (ZeRO-1),
     grouped (the experts' grouped GEMM, else their loop) and recompute (activation recompute method)."""
-    parallel = {k: v for k, v in layout.items() if k not in ("zero", "grouped", "recompute", "packed")}
+    parallel = {k: v for k, v in layout.items() if k not in ("zero", "grouped", "recompute", "packed", "projections")}
     recompute = layout["recompute"]
     return config_from_dict({
         "model": {"pattern": "MEMEAF", "d_model": 32, "d_state": 8, "num_experts": 4, "capacity_factor": 0.75,
-                  "vocab_size": VOCAB, "num_heads": 4, "z_loss_weight": 0.001},
+                  "vocab_size": VOCAB, "num_heads": 4, "z_loss_weight": 0.001,
+                  "mamba_moe_projections": ["conv", "gate", "output"] if layout["projections"] else []},
         "parallel": parallel,
         "data": {"mock": True, "seq_length": SEQ},
         "training": {"micro_batch_size": MICRO_BATCH, "global_batch_size": GLOBAL_BATCH, "seed": 5,
@@ -36,11 +38,13 @@ def _config(layout: dict):
 
 
 def layout(tp=1, ep=1, pp=1, vpp=None, schedule="1f1b", sp=False, etp=None, zero=False, grouped=True,
-           recompute=None, packed=False) -> dict:
-    """packed: rows of several documents with --reset-position-ids --reset-attention-mask --eod-mask-loss."""
+           recompute=None, packed=False, cp=1, projections=False) -> dict:
+    """packed: rows of several documents with --reset-position-ids --reset-attention-mask --eod-mask-loss;
+    projections: the Mamba layers' projections are MoE too (model.mamba_moe_projections)."""
     return dict(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
                 virtual_pipeline_model_parallel_size=vpp, pipeline_schedule=schedule, sequence_parallel=sp,
-                expert_tensor_parallel_size=etp, zero=zero, grouped=grouped, recompute=recompute, packed=packed)
+                expert_tensor_parallel_size=etp, context_parallel_size=cp, zero=zero, grouped=grouped,
+                recompute=recompute, packed=packed, projections=projections)
 
 
 def _global_batch(step):
@@ -86,7 +90,8 @@ def _train(spec: dict):
             grads = full_tensors(named, topo, grads=True)
     valid = evaluate(runner, _my_micro_batches(STEPS, topo.dp_rank, topo.dp, spec["packed"]), cfg, topo)
     state_numel = sum(t.numel() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
-    return dict(losses=losses, dropped=dropped, grads=grads, valid=valid, state_numel=state_numel)
+    return dict(losses=losses, dropped=dropped, grads=grads, valid=valid, state_numel=state_numel, cp=topo.cp,
+                cp_calls=sum(n for kind, n in COUNTER.calls.items() if kind.startswith("cp_")))
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +175,46 @@ def test_four_rank_layouts_match_one_process(name, reference):
 @pytest.mark.slow
 def test_tp2_x_pp2_x_ep2_on_eight_ranks_matches_one_process(reference):
     _check(run_on_ranks(_train, 8, args=(layout(tp=2, ep=2, pp=2),), timeout=600), reference)
+
+
+# Context parallelism (--context-parallel-size): each rank holds a contiguous slice of every sequence; the conv
+# halo, the scan's carried state, attention's keys and the MoE's routing cross the slices.
+CONTEXT = {"CP2": layout(cp=2), "CP2-EP2": layout(cp=2, ep=2), "CP2-recompute": layout(cp=2, recompute="uniform"),
+           "CP2-zero": layout(cp=2, zero=True)}
+
+
+def _check_context(spec: dict, ranks: int, reference):
+    results = run_on_ranks(_train, ranks, args=(spec,), timeout=400)
+    assert all(r["cp"] == spec["context_parallel_size"] and r["cp_calls"] > 0 for r in results)  # it did split
+    _check(results, reference)
+    if spec["zero"]:  # ZeRO-1 shards the dense optimizer state over DP x CP
+        assert all(r["state_numel"] < 0.7 * reference["state_numel"] for r in results)
+
+
+@pytest.mark.parametrize("name", CONTEXT)
+def test_context_parallel_layouts_match_one_process(name, reference):
+    _check_context(CONTEXT[name], 2, reference)
+
+
+def test_packed_documents_under_context_parallelism(reference_packed):
+    _check_context(layout(cp=2, packed=True), 2, reference_packed)
+
+
+def test_moe_projections_under_context_parallelism():
+    """The MoE inside the Mamba projections (the paper's variants) counts its capacity over the whole sequence."""
+    try:
+        reference = _train(layout(projections=True))
+    finally:
+        destroy_distributed()
+    _check_context(layout(cp=2, ep=2, projections=True), 2, reference)
+
+
+CONTEXT_FOUR = {"CP2xTP2": layout(cp=2, tp=2), "CP2xTP2-SP": layout(cp=2, tp=2, sp=True),
+                "CP2xEP2": layout(cp=2, ep=2), "CP2xPP2": layout(cp=2, pp=2), "CP2xDP2": layout(cp=2),
+                "CP4": layout(cp=4)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONTEXT_FOUR)
+def test_four_rank_context_parallel_layouts_match_one_process(name, reference):
+    _check_context(CONTEXT_FOUR[name], 4, reference)

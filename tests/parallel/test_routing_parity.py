@@ -1,5 +1,6 @@
 """Every MoE routing option trains the same model in every layout: one process against EP2, TP2, DP2, PP2
-interleaved 1F1B and PP2 zero-bubble with activation recompute, on 2 gloo ranks each.
+interleaved 1F1B and PP2 zero-bubble with activation recompute, and CP2 (context parallelism: each rank routes
+one slice of every sequence, capacity and losses counted over the whole micro-batch), on 2 gloo ranks each.
 
 Same seed and data as test_layout_parity (4 sequences of 16 tokens a step, micro-batches of 1). Checked: the
 losses of every step (1e-5 relative), the gradients after step 1, and each MoE layer's routing totals of every
@@ -35,10 +36,12 @@ LAYOUTS = {"EP2": layout(ep=2), "TP2": layout(tp=2), "DP2": layout(),
            "PP2-interleaved": layout(pp=2, vpp=2, schedule="interleaved_1f1b"),
            "PP2-zero-bubble-recompute": layout(pp=2, vpp=2, schedule="zero_bubble", recompute="uniform")}
 CASES = [(o, name) for o in OPTIONS for name in LAYOUTS if not (o.startswith("projections") and name == "TP2")]
+# Context parallelism refuses expert choice and dropping by probability (both rank over the whole micro-batch).
+CONTEXT_OPTIONS = {o: {**v, "token_drop_policy": "position"} for o, v in OPTIONS.items() if o != "expert-choice"}
 
 
 def _config(options: dict, spec: dict):
-    parallel = {k: v for k, v in spec.items() if k not in ("zero", "grouped", "recompute", "packed")}
+    parallel = {k: v for k, v in spec.items() if k not in ("zero", "grouped", "recompute", "packed", "projections")}
     model = {"pattern": "MEME", "d_model": 16, "d_state": 4, "num_experts": 4, "capacity_factor": 0.75,
              "vocab_size": VOCAB, "z_loss_weight": 0.001, **options}
     return config_from_dict({
@@ -58,7 +61,7 @@ def _train(options: dict, spec: dict) -> dict:
     runner = make_runner(model, cfg, topo)
     optimizer = build_optimizer(model, cfg.optimizer, topo.device)
     steps = 20 if cfg.model.router_enable_expert_bias else 3
-    out = dict(losses=[], tables=[], biases=[], grads=None)
+    out = dict(losses=[], tables=[], biases=[], grads=None, cp=topo.cp)
     for step in range(steps):
         record = train_step(runner, optimizer, _my_micro_batches(step, topo.dp_rank, topo.dp), cfg, topo, lr=1e-2)
         out["losses"].append(record["loss"])
@@ -74,24 +77,38 @@ def _train(options: dict, spec: dict) -> dict:
 _REFERENCES: dict = {}
 
 
-def _reference(option: str) -> dict:
-    if option not in _REFERENCES:
+def _reference(option: str, options: dict = OPTIONS) -> dict:
+    key = (option, options is OPTIONS)
+    if key not in _REFERENCES:
         try:
-            _REFERENCES[option] = _train(OPTIONS[option], layout())
+            _REFERENCES[key] = _train(options[option], layout())
         finally:
             destroy_distributed()
-    return _REFERENCES[option]
+    return _REFERENCES[key]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("option,name", CASES)
 def test_routing_option_matches_one_process(option, name):
     reference = _reference(option)
-    experts = reference["tables"][0].shape[1] - 4
     if option.startswith("top2-sigmoid-bias"):
         assert len(reference["biases"]) == 20 and reference["biases"][-1]
         assert all(b.abs().sum() > 0 for b in reference["biases"][-1].values())  # the bias moved
-    for r in run_on_ranks(_train, 2, args=(OPTIONS[option], LAYOUTS[name]), timeout=400):
+    _check(run_on_ranks(_train, 2, args=(OPTIONS[option], LAYOUTS[name]), timeout=400), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", CONTEXT_OPTIONS)
+def test_routing_option_under_context_parallelism_matches_one_process(option):
+    reference = _reference(option, CONTEXT_OPTIONS)
+    results = run_on_ranks(_train, 2, args=(CONTEXT_OPTIONS[option], layout(cp=2)), timeout=400)
+    assert all(r["cp"] == 2 for r in results)
+    _check(results, reference)
+
+
+def _check(results: list, reference: dict) -> None:
+    experts = reference["tables"][0].shape[1] - 4
+    for r in results:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
         for table, ref in zip(r["tables"], reference["tables"]):
             assert torch.equal(table[:, :experts + 2], ref[:, :experts + 2])  # tokens per expert, dropped, assigned
