@@ -69,9 +69,9 @@ def main() -> None:
         selective_scan_cpu(leaves[0], leaves[1], A, leaves[2], leaves[3], D, z, bias, True,
                            seq_idx=seq_idx).backward(dy)
 
-    def conv(seq_idx):
-        x = u.clone().requires_grad_()
-        causal_conv1d(x, w, cb, "silu", seq_idx=seq_idx).backward(dy)
+    def conv(seq_idx):  # the weight and bias are trained too, as in a Mamba layer
+        x, weight, conv_bias = (t.clone().requires_grad_() for t in (u, w, cb))
+        causal_conv1d(x, weight, conv_bias, "silu", seq_idx=seq_idx).backward(dy)
 
     print(f"batch {b}, d_inner {d}, d_state {n}, L {L}, {docs} documents (mean {b * L / docs:.0f} tokens), fp32, "
           f"{args.threads} threads; fwd+bwd ms, best of {args.repeats}")

@@ -61,14 +61,17 @@ class _PackedConv(torch.autograd.Function):
         x, weight, rows, steps, src, cross = ctx.saved_tensors
         width = weight.shape[-1]
         padded = F.pad(grad, (0, width - 1))  # the conv made L + width - 1 outputs; the last ones were cut
+        need_x, need_w = ctx.needs_input_grad[:2]
         dx, dw, _ = torch.ops.aten.convolution_backward(
-            padded, x, weight, None, [1], [width - 1], [1], False, [0], x.shape[1], [True, True, False])
+            padded, x, weight, None, [1], [width - 1], [1], False, [0], x.shape[1], [need_x, need_w, False])
         if rows.numel():
             g = grad[rows, :, steps]  # (n, channels): the gradient of each corrected output
-            w = weight[:, 0].t()  # (width, channels)
-            back = (g[:, None, :] * w)[cross]  # what each crossing tap handed back to the step it read
-            dx.transpose(1, 2).index_put_((rows[:, None].expand_as(src)[cross], src[cross]), -back, accumulate=True)
-            taps = x[rows[:, None], :, src.clamp(min=0)]
-            dw[:, 0] -= (g[:, None, :] * taps * cross[..., None]).sum(0).t()
-        dbias = grad.sum((0, 2)) if ctx.has_bias else None
+            if need_x:
+                back = (g[:, None, :] * weight[:, 0].t())[cross]  # what each crossing tap handed back to its step
+                dx.transpose(1, 2).index_put_((rows[:, None].expand_as(src)[cross], src[cross]), -back,
+                                              accumulate=True)
+            if need_w:
+                taps = x[rows[:, None], :, src.clamp(min=0)]
+                dw[:, 0] -= (g[:, None, :] * taps * cross[..., None]).sum(0).t()
+        dbias = grad.sum((0, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, dbias, None, None, None, None
