@@ -2,6 +2,7 @@
 through the whole path: --tokenizer-type HuggingFaceTokenizer in the config, training (its vocabulary and EOD), the
 fingerprint check between the data and the run, tools/generate.py and tools/evaluate.py."""
 import json
+import os
 
 import pytest
 
@@ -62,6 +63,18 @@ def test_train_generate_evaluate_with_a_hugging_face_tokenizer(hf_corpus, tiny_c
     assert evaluate.main(["--load", root, "--split", "valid", "--tokenizer-model", tiny_corpus["tokenizer"]]) == 2
     err = capsys.readouterr().err
     assert "preprocessed with tokenizer" in err and "is a different one" in err and len(err.strip().splitlines()) == 1
+    # the Hugging Face export ships it: AutoTokenizer reads the same ids and text back, eos = megamoe's EOD
+    transformers = pytest.importorskip("transformers")
+    out = str(tmp_path / "hf")
+    assert _tool("convert_checkpoint").main([root, "--output", out, "--format", "hf"]) == 0
+    hf = transformers.AutoTokenizer.from_pretrained(out)
+    assert type(hf).__name__ != "MegaMoETokenizer" and "tokenizer.model" not in os.listdir(out)
+    assert hf.eos_token_id == tok.eod and len(hf) == tok.vocab_size
+    for text in ("def f(x):\n\treturn x  +  1\n", "  leading spaces, ünïcode — and 12345 digits\n\n", ""):
+        ids = hf(text).input_ids
+        assert ids == tok.encode(text) and hf.decode(ids) == tok.decode(ids) == text
+    config = json.load(open(os.path.join(out, "generation_config.json")))
+    assert config["eos_token_id"] == tok.eod
 
 
 def test_a_run_with_another_tokenizer_than_the_data_stops_before_training(hf_corpus, tiny_corpus, tmp_path,

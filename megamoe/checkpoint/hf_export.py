@@ -9,10 +9,11 @@ patterns) has no transformers class (Jamba cannot hold it) and becomes MegaMoEFo
 remote code: config.json with auto_map, the self-contained configuration_/modeling_megamoe.py of hf_modeling/
 (plain PyTorch and transformers, no megamoe import), model.safetensors under megamoe's own names behind "model.".
 
-Both carry the sentencepiece tokenizer of the checkpoint's config (tokenizer.model with tokenization_megamoe.py,
-for AutoTokenizer with trust_remote_code) and generation_config.json: EOD as eos, and the padded vocabulary beyond
-the tokenizer suppressed, as tools/generate.py does, so greedy decoding matches it. config.json keeps megamoe's
-model section under "megamoe_model", which hf_import.py reads back.
+Both carry the tokenizer of the checkpoint's config, for AutoTokenizer: a sentencepiece model as tokenizer.model
+with tokenization_megamoe.py (trust_remote_code); a Hugging Face one (--tokenizer-type HuggingFaceTokenizer) as
+its own tokenizer.json, read by transformers' PreTrainedTokenizerFast. And generation_config.json: EOD as eos,
+and the padded vocabulary beyond the tokenizer suppressed, as tools/generate.py does, so greedy decoding matches
+it. config.json keeps megamoe's model section under "megamoe_model", which hf_import.py reads back.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from megamoe.checkpoint.convert import read_tensors
 from megamoe.checkpoint.export import MODEL_FILE, save_safetensors
 from megamoe.checkpoint.folder import load_config, resolve
 from megamoe.config import ModelConfig, block_kinds
-from megamoe.data import load_tokenizer
+from megamoe.data import HuggingFaceTokenizer, load_tokenizer
 from megamoe.errors import CheckpointError
 from megamoe.logging import get_logger
 from megamoe.model import meta_model
@@ -131,13 +132,14 @@ def megamoe_names(tensors: dict, native: bool) -> dict:
 def _tokenizer(cfg, tokenizer_model: Optional[str]):
     """The tokenizer to ship: the one given, else the checkpoint's; None (with a warning) when it names none."""
     path = tokenizer_model or cfg.data.tokenizer_model
+    kind = None if tokenizer_model else cfg.data.tokenizer_type  # a path given is told by what it is
     if not path:
         log.warning("the checkpoint's config names no tokenizer (trained on mock data?): exporting the model "
                     "without one; pass --tokenizer-model PATH to add it")
         return None
-    if not tokenizer_model and not os.path.isfile(path):
+    if not tokenizer_model and not os.path.exists(path):
         raise CheckpointError(f"the checkpoint's tokenizer {path} does not exist here; pass --tokenizer-model PATH")
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, kind)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise CheckpointError(f"the tokenizer {path} has {tokenizer.vocab_size} pieces, more than the model's "
                               f"vocabulary of {cfg.model.vocab_size}: it is not the model's tokenizer")
@@ -146,6 +148,8 @@ def _tokenizer(cfg, tokenizer_model: Optional[str]):
 
 def _write_tokenizer(output: str, tokenizer) -> dict:
     """tokenizer.model, its remote code and tokenizer_config.json; returns the special token ids for the configs."""
+    if isinstance(tokenizer, HuggingFaceTokenizer):
+        return _write_hf_tokenizer(output, tokenizer)
     shutil.copyfile(tokenizer.path, os.path.join(output, TOKENIZER_FILE))
     shutil.copyfile(os.path.join(HF_CODE, TOKENIZER_CODE), os.path.join(output, TOKENIZER_CODE))
     with open(os.path.join(output, "tokenizer_config.json"), "w") as f:
@@ -154,6 +158,32 @@ def _write_tokenizer(output: str, tokenizer) -> dict:
     ids = {"eos_token_id": tokenizer.eod, "pad_token_id": tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod}
     if tokenizer.bos >= 0:
         ids["bos_token_id"] = tokenizer.bos
+    return ids
+
+
+def _write_hf_tokenizer(output: str, tokenizer: HuggingFaceTokenizer) -> dict:
+    """tokenizer.json as megamoe read it, and a tokenizer_config.json (the source folder's, when it has one) that
+    names megamoe's EOD as eos, its pad, and PreTrainedTokenizerFast, which encodes and decodes as the `tokenizers`
+    library does (a model-specific class could rebuild the tokenizer its own way)."""
+    with open(os.path.join(output, "tokenizer.json"), "wb") as f:
+        f.write(tokenizer.tokenizer_json)
+    source = tokenizer.path if tokenizer.path and os.path.isdir(tokenizer.path) else None
+    config = {}
+    if source and os.path.isfile(os.path.join(source, "tokenizer_config.json")):
+        with open(os.path.join(source, "tokenizer_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    for key in ("auto_map", "tokenizer_file", "added_tokens_decoder"):
+        config.pop(key, None)  # the remote code, paths and ids of the source, which tokenizer.json already holds
+    config.update(tokenizer_class="PreTrainedTokenizerFast", eos_token=tokenizer.token(tokenizer.eod))
+    config.setdefault("clean_up_tokenization_spaces", False)
+    pad = tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod
+    config["pad_token"] = tokenizer.token(pad)
+    _write_json(os.path.join(output, "tokenizer_config.json"), config)
+    ids = {"eos_token_id": tokenizer.eod, "pad_token_id": pad}
+    bos = config.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    if isinstance(bos, str) and tokenizer.hf.token_to_id(bos) is not None:
+        ids["bos_token_id"] = tokenizer.hf.token_to_id(bos)
     return ids
 
 

@@ -138,6 +138,14 @@ class HuggingFaceTokenizer(Tokenizer):
         self.fingerprint = hashlib.sha256(tokenizer_json + f"\0eod={self.eod}".encode()).hexdigest()[:16]
         self._fast = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)  # no offsets: faster
 
+    @property
+    def tokenizer_json(self) -> bytes:
+        """The tokenizer.json it was made from (what a Hugging Face export ships)."""
+        return self._json
+
+    def token(self, token_id: int) -> Optional[str]:
+        return self.hf.id_to_token(int(token_id))
+
     def encode(self, text: str) -> list:
         return self.hf.encode(text).ids
 
