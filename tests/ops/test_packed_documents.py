@@ -75,6 +75,13 @@ def test_conv_of_a_packed_row_is_the_conv_of_each_document():
     got = (y,) + _grads((y,), leaves)
     for name, a, c in zip(["y", "dx", "dweight", "dbias"], got, want):
         torch.testing.assert_close(a.double(), c, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    # only some inputs trained (a frozen conv, or a frozen input): each gradient asked for is still right
+    for trained in ((0,), (1, 2)):
+        part = [t.float().clone().requires_grad_(i in trained) for i, t in enumerate((x, w, b))]
+        y = causal_conv1d(*part, "silu", seq_idx=seq_idx_of(DOCS, "cpu"))
+        grads = _grads((y,), [part[i] for i in trained])
+        for i, g_i in zip(trained, grads):
+            torch.testing.assert_close(g_i.double(), want[1 + i], rtol=1e-4, atol=1e-5)
 
 
 def test_without_boundaries_seq_idx_changes_nothing():
