@@ -14,6 +14,10 @@ with tokenization_megamoe.py (trust_remote_code); a Hugging Face one (--tokenize
 its own tokenizer.json, read by transformers' PreTrainedTokenizerFast. And generation_config.json: EOD as eos,
 and the padded vocabulary beyond the tokenizer suppressed, as tools/generate.py does, so greedy decoding matches
 it. config.json keeps megamoe's model section under "megamoe_model", which hf_import.py reads back.
+
+MoE routing exports with its options (softmax or sigmoid scores, pre- or post-softmax top-k, renormalisation, the
+expert bias buffers, shared experts, the dense fallback's weights, which never run without capacity); expert choice
+(not causal) and forced load balancing (ignores the router) are refused.
 """
 from __future__ import annotations
 
@@ -89,8 +93,25 @@ def megamoe_config(model: ModelConfig) -> dict:
         "load_balancing_weight": model.load_balancing_weight, "num_heads": model.num_heads,
         "d_ffn": model.resolved_d_ffn, "rope_base": model.rope_base, "norm": model.norm, "norm_eps": model.norm_eps,
         "init_std": model.init_std, "tie_word_embeddings": model.tie_embeddings, "use_cache": True,
-        "dtype": "float32",
+        "router_score_function": model.router_score_function, "router_pre_softmax": model.router_pre_softmax,
+        "router_renormalize": model.router_renormalize, "router_enable_expert_bias": model.router_enable_expert_bias,
+        "shared_expert_intermediate_size": model.shared_expert_intermediate_size,
+        "mamba_moe_dense_fallback": model.mamba_moe_dense_fallback, "dtype": "float32",
     }
+
+
+def check_hf_routing(model: ModelConfig) -> None:
+    """CheckpointError for the routing options MegaMoEForCausalLM cannot run (the others export as they are)."""
+    if "E" not in model.pattern and not model.mamba_moe_projections:
+        return  # no MoE layer: the routing keys do nothing
+    if model.router_type == "expert_choice":
+        raise CheckpointError("model.router_type=expert_choice cannot be exported to HF: each expert picks its "
+                              "tokens from the whole batch, which is not causal (generation cannot run it); "
+                              "evaluate it with megamoe's tools, or train with model.router_type=token_choice")
+    if model.router_force_load_balancing:
+        raise CheckpointError("model.router_force_load_balancing cannot be exported to HF: it deals tokens to "
+                              "experts ignoring the router (throughput planning only); train without it "
+                              "to export a model")
 
 
 def hf_names(tensors: dict, model: ModelConfig, native: bool) -> dict:
@@ -198,6 +219,8 @@ def export_hf(path: str, output: str, tokenizer_model: Optional[str] = None) -> 
     cfg = load_config(path)
     model = cfg.model
     native = not hf_unsupported(model)
+    if not native:
+        check_hf_routing(model)
     tokenizer = _tokenizer(cfg, tokenizer_model)  # checked before anything is written
     tensors = hf_names(read_tensors(path), model, native)
     os.makedirs(output, exist_ok=True)

@@ -1,7 +1,9 @@
-"""Shared by the checkpoint tests: a small MoE-Mamba config, fixed synthetic batches, one rank's setup."""
+"""Shared by the checkpoint tests: a small MoE-Mamba config, fixed synthetic batches, one rank's setup, small
+models with MoE routing options."""
 import torch
 
 from megamoe.config import config_from_dict
+from megamoe.model import build_model
 from megamoe.parallel import init_distributed, set_seed
 from megamoe.parallel.distributed_optimizer import ParamOwners
 from megamoe.parallel.parallelize import build_parallel_model
@@ -26,6 +28,32 @@ def config(tp=1, ep=1, pp=1, zero=False, cp=1, **model):
         "training": {"micro_batch_size": MICRO_BATCH, "global_batch_size": GLOBAL_BATCH, "seed": 5,
                      "train_iters": TRAIN_ITERS},
         "optimizer": {"lr": 1e-2, "lr_warmup_iters": 1}})
+
+
+ROUTINGS = {  # name: model keys; together they switch on every routing option an HF export runs
+    "sigmoid_top2_bias_shared": dict(pattern="MEME", top_k=2, router_score_function="sigmoid",
+                                     router_enable_expert_bias=True, shared_expert_intermediate_size=16),
+    "post_softmax_top2_bias": dict(pattern="MEAE", top_k=2, router_pre_softmax=False, expert_activation="gelu",
+                                   router_enable_expert_bias=True),
+    "projections_dense_fallback": dict(pattern="MEMM", mamba_moe_projections=["conv", "gate", "output"],
+                                       mamba_moe_dense_fallback=True, top_k=2, router_renormalize=True,
+                                       router_enable_expert_bias=True),
+}
+
+
+def routed_model(name: str, seed: int = 3):
+    """(model, cfg) of ROUTINGS[name] built from `seed`, in eval mode, its weights moved off their initial values
+    and every expert bias set to values large enough to change which experts tokens choose."""
+    cfg = config(**ROUTINGS[name])
+    model = build_model(cfg.model, seed=seed).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+        for n, b in model.named_buffers():
+            if n.endswith("expert_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=generator))
+    return model, cfg
 
 
 def micro_batches(step, dp_rank=0, dp=1):

@@ -7,6 +7,10 @@ projections in EP2 x DP2, as TP > 1 does not take it. Each export then gives meg
 limit, as megamoe's generation runs it) within 1e-5, the same logits token by token with its cache, greedy
 `generate()` equal to tools/generate.py --temperature 0 token for token, and left-padded batches equal to each prompt
 alone. The tokenizer goes along and round-trips text as megamoe's does.
+
+Small single-process models with megamoe's routing options (sigmoid scores, top-2, post-softmax, renormalisation,
+the expert bias, a shared expert, MoE projections with the dense fallback) export with megamoe's logits and greedy
+output too; expert choice and forced load balancing are refused in one line.
 """
 import importlib.util
 import json
@@ -19,12 +23,12 @@ import torch  # noqa: E402
 
 from megamoe import checkpoint  # noqa: E402
 from megamoe.data import load_tokenizer  # noqa: E402
-from megamoe.inference import load_for_inference  # noqa: E402
+from megamoe.inference import generate, load_for_inference  # noqa: E402
 from megamoe.model import build_model, moe_capacity  # noqa: E402
 from megamoe.parallel import destroy_distributed  # noqa: E402
 from megamoe.testing import run_on_ranks  # noqa: E402
 from megamoe.training import TrainState  # noqa: E402
-from tests.checkpoint.common import Rank, config  # noqa: E402
+from tests.checkpoint.common import ROUTINGS, Rank, config, routed_model  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -147,3 +151,46 @@ def test_tokenizer_round_trips_as_megamoe_and_mamba_only_stays_native(trained, t
         torch.testing.assert_close(hf(tokens).logits, net(tokens).logits, rtol=0, atol=1e-5)
     assert transformers.AutoTokenizer.from_pretrained(native, trust_remote_code=True)(TEXTS[0]).input_ids == \
         ours.encode(TEXTS[0])
+
+
+@pytest.mark.parametrize("name", list(ROUTINGS))
+def test_routing_options_export_with_megamoe_logits_and_greedy_output(tmp_path, one_thread, name):
+    model, cfg = routed_model(name)
+    checkpoint.save(str(tmp_path / "ck"), model, None, TrainState(step=1), cfg, None)
+    out = _export(str(tmp_path), tmp_path, "ck")
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    assert not any(info.values())  # every tensor has its place: expert biases, shared experts, fallbacks
+    hf.eval()
+    saved = {n: b for n, b in model.named_buffers() if n.endswith("expert_bias")}
+    assert bool(saved) == cfg.model.router_enable_expert_bias
+    for n, b in saved.items():  # loaded, not initialised afresh
+        assert torch.equal(hf.get_buffer("model." + n), b) and b.abs().min() > 0
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), moe_capacity(model, 0.0):
+        reference = model(tokens).logits
+        torch.testing.assert_close(hf(tokens).logits, reference, rtol=0, atol=1e-5)
+        for b in saved.values():  # the bias changes the routing (so the comparison above could fail)
+            b.zero_()
+        assert not saved or (model(tokens).logits - reference).abs().max() > 1e-3
+    model, _ = load_for_inference(str(tmp_path / "ck"))
+    prompt = tokens[0, :6]
+    greedy = hf.generate(prompt[None], max_new_tokens=12, do_sample=False)[0, 6:].tolist()
+    assert greedy == generate(model, prompt, 12, temperature=0)
+
+
+@pytest.mark.parametrize("keys,message", [
+    (dict(router_type="expert_choice", router_load_balancing_type="none"),
+     "model.router_type=expert_choice cannot be exported to HF: each expert picks its tokens from the whole batch, "
+     "which is not causal"),
+    (dict(router_force_load_balancing=True),
+     "model.router_force_load_balancing cannot be exported to HF: it deals tokens to experts ignoring the router"),
+], ids=["expert_choice", "force_load_balancing"])
+def test_export_refuses_routing_hf_cannot_run(tmp_path, capsys, keys, message):
+    cfg = config(pattern="MEME", **keys)
+    checkpoint.save(str(tmp_path / "ck"), build_model(cfg.model, seed=1), None, TrainState(step=1), cfg, None)
+    capsys.readouterr()
+    assert _tool("convert_checkpoint").main([str(tmp_path / "ck"), "--output", str(tmp_path / "hf"),
+                                             "--format", "hf"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and " train " in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "hf")

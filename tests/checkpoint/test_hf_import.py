@@ -1,6 +1,7 @@
 """`tools/convert_checkpoint.py --from-hf`: transformers' MambaForCausalLM folders (the public state-spaces layout,
 here small random models saved locally, single-file and sharded) and megamoe's own HF exports become megamoe
-checkpoints in any layout; megamoe -> HF -> megamoe gives identical tensors; a Mamba upcycles into MoE-Mamba."""
+checkpoints in any layout; megamoe -> HF -> megamoe gives identical tensors (the routing options' expert biases,
+shared experts and dense fallbacks too); a Mamba upcycles into MoE-Mamba."""
 import importlib.util
 import os
 
@@ -16,7 +17,7 @@ from megamoe.errors import CheckpointError  # noqa: E402
 from megamoe.inference import load_for_inference  # noqa: E402
 from megamoe.model import build_model  # noqa: E402
 from megamoe.training import TrainState  # noqa: E402
-from tests.checkpoint.common import config  # noqa: E402
+from tests.checkpoint.common import ROUTINGS, config, routed_model  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,6 +65,19 @@ def test_public_mamba_layout_imports_with_the_same_logits(tmp_path, capsys, tie,
         torch.testing.assert_close(model(tokens).logits, hf(tokens).logits, rtol=0, atol=1e-5)
 
 
+def _round_trip(tmp_path, model, cfg, layout):
+    """megamoe -> HF -> megamoe (in `layout`) gives the same tensors, buffers included, and the same model config."""
+    checkpoint.save(str(tmp_path / "ck"), model, None, TrainState(step=5), cfg, None)
+    tool = _tool()
+    assert tool.main([str(tmp_path / "ck"), "--output", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert tool.main(["--from-hf", str(tmp_path / "hf"), "--output", str(tmp_path / "back"),
+                      "--target-layout", layout]) == 0
+    before, after = read_tensors(str(tmp_path / "ck")), read_tensors(str(tmp_path / "back"))
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+    assert checkpoint.load_config(str(tmp_path / "back")).model == cfg.model
+    return before
+
+
 @pytest.mark.parametrize("pattern", ["MEAF", "MMM"], ids=["remote_code", "native_mamba"])
 def test_megamoe_hf_megamoe_round_trip_is_identical(tmp_path, pattern):
     cfg = config(pattern=pattern, tie_embeddings=pattern == "MMM")
@@ -71,14 +85,16 @@ def test_megamoe_hf_megamoe_round_trip_is_identical(tmp_path, pattern):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    checkpoint.save(str(tmp_path / "ck"), model, None, TrainState(step=5), cfg, None)
-    tool = _tool()
-    assert tool.main([str(tmp_path / "ck"), "--output", str(tmp_path / "hf"), "--format", "hf"]) == 0
-    assert tool.main(["--from-hf", str(tmp_path / "hf"), "--output", str(tmp_path / "back"),
-                      "--target-layout", "tp=2,ep=2"]) == 0
-    before, after = read_tensors(str(tmp_path / "ck")), read_tensors(str(tmp_path / "back"))
-    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
-    assert checkpoint.load_config(str(tmp_path / "back")).model == cfg.model
+    _round_trip(tmp_path, model, cfg, "tp=2,ep=2")
+
+
+@pytest.mark.parametrize("name", list(ROUTINGS))
+def test_routing_tensors_round_trip_identically(tmp_path, name):
+    model, cfg = routed_model(name)
+    tensors = _round_trip(tmp_path, model, cfg, "ep=2" if cfg.model.mamba_moe_projections else "tp=2,ep=2")
+    for part, key in (("expert_bias", "router_enable_expert_bias"), (".shared.", "shared_expert_intermediate_size"),
+                      (".fallback.", "mamba_moe_dense_fallback")):
+        assert any(part in n for n in tensors) == bool(ROUTINGS[name].get(key))
 
 
 def test_mamba_upcycles_into_moe_mamba(tmp_path):

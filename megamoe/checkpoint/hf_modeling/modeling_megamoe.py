@@ -3,10 +3,10 @@
 without megamoe installed.
 
 Blocks are pre-norm residual: h + sum of the block's sublayers applied to norm(h). Mamba is Mamba-1 (a selective
-scan with a diagonal A); Switch MoE routes each token to its top_k experts with an fp32 router; attention is causal
-with RoPE. The numerics are megamoe's: norms in fp32, softplus(dt + dt bias) in fp32 inside the scan, the router in
-fp32. MoE layers have no capacity limit here, as in megamoe's generation: a token's output never depends on the
-other tokens of the batch.
+scan with a diagonal A); Switch MoE routes each token to its top_k experts with an fp32 router, as megamoe's options
+say (scores, top-k, expert bias, shared expert); attention is causal with RoPE. The numerics are megamoe's: norms in
+fp32, softplus(dt + dt bias) in fp32 inside the scan, the router in fp32. MoE layers have no capacity limit here,
+as in megamoe's generation: a token's output never depends on the other tokens of the batch.
 
 generate() carries a MegaMoECache: per Mamba block its conv state (the last d_conv inputs) and SSM state, per
 attention block its keys (RoPE applied) and values. Left padding (an attention_mask with zeros) is supported:
@@ -68,28 +68,51 @@ class Experts(nn.Module):
 
 
 class SwitchMoE(nn.Module):
-    """Switch MoE without capacity: softmax(router(x)) in fp32, each token to its top_k experts, the outputs
-    weighted by their probabilities. `aux_loss` keeps the last call's load-balancing loss (for fine-tuning)."""
+    """Switch MoE without capacity, megamoe's token choice: fp32 logits; gates softmax or sigmoid; each token to the
+    top_k of gates + expert_bias (post-softmax: of logits + bias, then a softmax over the chosen k), weighted by the
+    chosen gates (renormalised: Megatron's rule unless set), plus the shared expert for every token. `aux_loss`
+    keeps the last call's load-balancing loss (for fine-tuning). The dense fallback of MoE projections is loaded
+    but never runs: without capacity no token is dropped."""
 
     def __init__(self, config, d_in, d_hidden, d_out, activation):
         super().__init__()
         self.num_experts, self.top_k, self.weight = config.num_experts, config.moe_top_k, config.load_balancing_weight
+        self.sigmoid = config.router_score_function == "sigmoid"
+        self.post_softmax = not self.sigmoid and not config.router_pre_softmax
+        renormalize = config.router_renormalize
+        self.renormalize = (self.sigmoid and self.top_k > 1) if renormalize is None else renormalize
         self.router = nn.Linear(d_in, config.num_experts, bias=False)
+        if config.router_enable_expert_bias:  # megamoe's router.expert_bias buffer, what the choice reads only
+            self.router.register_buffer("expert_bias", torch.zeros(config.num_experts))
         self.experts = Experts(config.num_experts, d_in, d_hidden, d_out, activation)
+        if activation != "linear" and config.shared_expert_intermediate_size:
+            self.shared = FeedForward(d_in, config.shared_expert_intermediate_size, activation)
+        if activation == "linear" and config.mamba_moe_dense_fallback:
+            self.fallback = nn.Linear(d_in, d_out, bias=False)
         self.aux_loss = None
 
     def forward(self, h):
         x = h.reshape(-1, h.shape[-1])
-        probs = torch.softmax(F.linear(x.float(), self.router.weight.float()), dim=-1)
-        top = probs.topk(self.top_k, dim=-1).indices
+        logits = F.linear(x.float(), self.router.weight.float())
+        gates = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
+        select = logits if self.post_softmax else gates
+        if hasattr(self.router, "expert_bias"):
+            select = select + self.router.expert_bias.float()
+        top = select.topk(self.top_k, dim=-1).indices
+        weights = torch.softmax(logits.gather(1, top), dim=-1) if self.post_softmax else gates.gather(1, top)
+        if self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         token = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(top).reshape(-1)
-        expert, weight = top.reshape(-1), probs.gather(1, top).reshape(-1)
+        expert, weight = top.reshape(-1), weights.reshape(-1)
         order = torch.argsort(expert, stable=True)
         counts = torch.bincount(expert, minlength=self.num_experts)
         chunks = x[token[order]].split(counts.tolist())
         y = torch.cat([self.experts.expert(e, c) for e, c in enumerate(chunks) if c.shape[0]])
         y = y * weight[order, None].to(y.dtype)
         out = y.new_zeros(x.shape[0], y.shape[-1]).index_add(0, token[order], y)
+        if hasattr(self, "shared"):
+            out = out + self.shared(x).to(out.dtype)
+        probs = gates / (gates.sum(-1, keepdim=True) + 1e-20) if self.sigmoid else gates
         fraction = counts.to(probs.dtype) / expert.numel()
         self.aux_loss = self.weight * self.num_experts * torch.sum(fraction * probs.mean(0))
         return out.reshape(*h.shape[:-1], out.shape[-1])
@@ -196,12 +219,11 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config):
+    def __init__(self, d_model, d_ffn, activation):
         super().__init__()
-        self.activation = config.expert_activation
-        width = 2 * config.d_ffn if self.activation == "swiglu" else config.d_ffn
-        self.fc1 = nn.Linear(config.d_model, width, bias=False)
-        self.fc2 = nn.Linear(config.d_ffn, config.d_model, bias=False)
+        self.activation = activation
+        self.fc1 = nn.Linear(d_model, 2 * d_ffn if activation == "swiglu" else d_ffn, bias=False)
+        self.fc2 = nn.Linear(d_ffn, d_model, bias=False)
 
     def forward(self, h):
         return self.fc2(activate(self.fc1(h), self.activation))
@@ -220,7 +242,7 @@ class Block(nn.Module):
         if kind == "A":
             self.attention = Attention(config)
         if kind == "F":
-            self.ffn = FeedForward(config)
+            self.ffn = FeedForward(config.d_model, config.d_ffn, config.expert_activation)
 
     def forward(self, h, state, positions, key_mask, token_mask):
         x, out, new_state = self.norm(h), h, None
