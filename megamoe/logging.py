@@ -81,6 +81,28 @@ def read_metrics(path: str) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def run_records(path: str) -> list:
+    """read_metrics, keeping what one uninterrupted run would have logged: a run resumed from a checkpoint
+    appends again the steps after that checkpoint, and those later records replace the earlier ones."""
+    records = []
+    for record in read_metrics(path):
+        step = record.get("step")
+        if step is not None:
+            while records and records[-1].get("step", -1) >= step:
+                records.pop()
+        records.append(record)
+    return records
+
+
+def smooth(values: list, keep: float = 0.7) -> list:
+    """The exponential moving average the loss plots and the model comparison report (the paper smooths)."""
+    out, ema = [], None
+    for v in values:
+        ema = v if ema is None else keep * ema + (1 - keep) * v
+        out.append(ema)
+    return out
+
+
 class Progress:
     """The rank-0 progress line: step, losses, lr, tokens/s, ETA."""
 

@@ -4,11 +4,13 @@
     full = full_tensors({name: param}, topo, grads=False)     the global tensors, on every rank
     logits = gather_from_tp(local_logits, topo.tp_group)      the last dimension gathered over TP
 
-`fn(*args)` runs in N fresh processes (spawned, so nothing of the parent's thread pools or CUDA state is
-inherited) with torchrun's variables set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so
-it can call `megamoe.parallel.init_distributed` exactly as a real run does. Returns each rank's return
-value, in rank order. When a rank raises, the error names the rank and shows its traceback; when the
-timeout passes, every process is killed and the error says which ranks had not finished.
+`fn(*args)` runs in N fresh processes (forked from a forkserver, a clean process that has imported torch,
+megatron-core and megamoe once, so nothing of the parent's thread pools or CUDA state is inherited and no rank
+spends seconds on imports) with the caller's environment at the time of the call and torchrun's variables set
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so it can call `megamoe.parallel.init_distributed`
+exactly as a real run does. Returns each rank's return value, in rank order. When a rank raises, the error names
+the rank and shows its traceback; when the timeout passes, every process is killed and the error says which
+ranks had not finished.
 
 full_tensors: each rank writes its regions (sharding.ShardSpec) into a zero tensor of the global shape; one
 all-reduce over the world sums them and a second counts how many ranks wrote each element, so replicas average
@@ -35,7 +37,14 @@ class RankFailure(RuntimeError):
     """A rank raised, or ranks did not finish in time."""
 
 
-def _rank_main(fn, args, rank, world_size, port, threads, results):
+# Imported once by the forkserver; every rank forks from it (these imports take ~8 s of CPU per process).
+PRELOAD = ["torch", "megatron.core", "megamoe.checkpoint", "megamoe.parallel.parallelize", "megamoe.training",
+           "megamoe.testing"]
+
+
+def _rank_main(fn, args, rank, world_size, port, threads, results, env):
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
@@ -56,11 +65,14 @@ def _rank_main(fn, args, rank, world_size, port, threads, results):
 def run_on_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), timeout: float = 180,
                  threads_per_rank: int = 1) -> list:
     """Run `fn(*args)` on `world_size` spawned ranks; return their results in rank order."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # read when the forkserver starts (the first call)
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, tuple(args), r, world_size, port, threads_per_rank, results),
-                         daemon=True) for r in range(world_size)]
+    env = dict(os.environ)
+    procs = [ctx.Process(target=_rank_main, daemon=True,
+                         args=(fn, tuple(args), r, world_size, port, threads_per_rank, results, env))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     outcomes: dict = {}

@@ -1,16 +1,19 @@
 """The embedded default corpus: the Python standard library's own sources and docs.
 
 Every machine with Python has it, so the quickstart needs no download. Written as JSONL, one
-document per line: {"text": ..., "source": path relative to the stdlib}. Order is deterministic:
-the library's modules (sorted by path), then the documentation topics of `pydoc_data` (the text
-of the language reference and library docs that `help()` shows), then the test suite, so a
-`max_bytes` cap keeps the library and its docs first.
+document per line: {"text": ..., "source": path relative to the stdlib}. Documents are chosen in
+a fixed order: the library's modules (sorted by path), then the documentation topics of `pydoc_data`
+(the text of the language reference and library docs that `help()` shows), then the test suite, so a
+`max_bytes` cap keeps the library and its docs first. The chosen documents are then written in a
+deterministic mixed order (a seeded shuffle): Megatron's train/valid/test split takes documents in file
+order, and without the mix the validation split would be the test suite alone.
 """
 from __future__ import annotations
 
 import ast
 import json
 import os
+import random
 import sysconfig
 import time
 from typing import Iterator, Optional
@@ -20,6 +23,7 @@ from megamoe.errors import DataError
 # Not the standard library itself: installed packages, compiled extensions, build files.
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "lib-dynload"}
 DOCS_FILE = os.path.join("pydoc_data", "topics.py")
+MIX_SEED = 1234  # the order the chosen documents are written in
 
 
 def stdlib_path() -> str:
@@ -64,7 +68,8 @@ def iter_default_documents(root: Optional[str] = None) -> Iterator[tuple]:
 
 
 def write_default_corpus(path: str, max_bytes: Optional[int] = None, root: Optional[str] = None) -> dict:
-    """Write the default corpus to `path` as JSONL, stopping before it would exceed `max_bytes`.
+    """Write the default corpus to `path` as JSONL: the documents in order until the next would exceed
+    `max_bytes`, then written in MIX_SEED's mixed order (the same documents and order on every run).
 
     Returns stats: documents, bytes, skipped (files not valid UTF-8 or empty), truncated, stdlib, seconds.
     The file appears under its name only when complete."""
@@ -76,6 +81,7 @@ def write_default_corpus(path: str, max_bytes: Optional[int] = None, root: Optio
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     stats = dict(documents=0, bytes=0, skipped=0, truncated=False, stdlib=root, path=path)
+    lines = []  # the chosen documents, at most max_bytes (the whole library without a cap: ~100 MB)
     try:
         with open(tmp, "wb") as out:
             for source, item in iter_default_documents(root):
@@ -96,9 +102,11 @@ def write_default_corpus(path: str, max_bytes: Optional[int] = None, root: Optio
                 if max_bytes is not None and stats["bytes"] + len(line) > max_bytes:
                     stats["truncated"] = True
                     break
-                out.write(line)
+                lines.append(line)
                 stats["documents"] += 1
                 stats["bytes"] += len(line)
+            random.Random(MIX_SEED).shuffle(lines)
+            out.writelines(lines)
         if stats["documents"] == 0:
             raise DataError(f"{path}: no documents written (max_bytes={max_bytes} is smaller than the "
                             "first document); raise max_bytes")

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from megamoe.config import Config
 from megamoe.errors import ConfigError
-from megamoe.logging import MetricsWriter, Progress, get_logger, read_metrics
+from megamoe.logging import MetricsWriter, Progress, get_logger, run_records, smooth
 from megamoe.training.moe_routing import layer_metrics
 
 log = get_logger()
@@ -161,7 +161,7 @@ class RunLogger:
             self.wandb.finish()
         if not (self.topo.is_rank0 and self.metrics.path and os.path.exists(self.metrics.path)):
             return None
-        return plot_losses(read_metrics(self.metrics.path), os.path.join(self.log_dir, "loss.png"))
+        return plot_losses(run_records(self.metrics.path), os.path.join(self.log_dir, "loss.png"))
 
 
 def plot_losses(records: list, path: str) -> str:
@@ -169,10 +169,7 @@ def plot_losses(records: list, path: str) -> str:
     matplotlib's Figure without pyplot: no backend is chosen for the process, nothing global is left open."""
     steps = [r["step"] for r in records if "lm_loss" in r]
     train = [r["lm_loss"] for r in records if "lm_loss" in r]
-    ema, smoothed = None, []
-    for v in train:
-        ema = v if ema is None else 0.7 * ema + 0.3 * v
-        smoothed.append(ema)
+    smoothed = smooth(train)
     valid = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()

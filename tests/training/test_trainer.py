@@ -39,7 +39,7 @@ def test_tiny_run_loss_falls_and_writes_metrics(tiny_corpus, tmp_path, quiet_env
     records = read_metrics(summary["metrics"])
     assert [r["step"] for r in records if "lm_loss" in r][-1] == 40
     first, last = records[0], records[-1]
-    assert last["lm_loss"] < first["lm_loss"] - 1.0, (first["lm_loss"], last["lm_loss"])
+    assert last["lm_loss"] < first["lm_loss"] - 0.75, (first["lm_loss"], last["lm_loss"])
     for key in ("step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s",
                 "consumed_samples", "fraction_dropped", "expert_load_max_over_mean", "mfu", "peak_mem_gb"):
         assert key in last, key
