@@ -18,6 +18,7 @@ from megamoe.inference import (
     forward_cached,
     generate,
     load_for_inference,
+    prefill,
     sample,
 )
 from megamoe.model import build_model
@@ -154,12 +155,43 @@ def test_batched_generation_does_not_depend_on_the_batch():
     assert all(m.capacity_factor == 0.5 for m in model.moe_layers())
 
 
+RAGGED = [[5, 9], [1, 2, 3, 4, 5, 6, 7], [8], [3, 1, 4, 1, 5]]  # shorter and longer than d_conv, one token
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_ragged_batch_steps_each_row_as_its_full_forward(name):
+    """Prompts of different lengths in one cache, then steps: every row's logits are its own full forward's."""
+    model = tiny_model(**MODELS[name])
+    rows = [prompt + tokens(1, 4, seed=i)[0].tolist() for i, prompt in enumerate(RAGGED)]
+    cache = allocate_cache(model, len(rows), 16)
+    got = [[logits] for logits in prefill(model, cache, list(range(len(rows))), RAGGED)]
+    assert cache.lengths == [len(p) for p in RAGGED]
+    for t in range(4):
+        step = torch.tensor([[row[len(p) + t]] for row, p in zip(rows, RAGGED)])
+        for i, logits in enumerate(forward_cached(model, step, cache)[:, 0]):
+            got[i].append(logits)
+    with torch.no_grad():
+        for row, prompt, logits in zip(rows, RAGGED, got):
+            full = model(torch.tensor([row])).logits[0, len(prompt) - 1:len(prompt) + 4]
+            torch.testing.assert_close(torch.stack(logits), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_ragged_greedy_generation_equals_each_prompt_alone(name):
+    model = tiny_model(**MODELS[name])
+    alone = [generate(model, prompt, 8, temperature=0) for prompt in RAGGED]
+    assert generate(model, RAGGED, 8, temperature=0) == alone
+    eod = alone[1][2]  # one row stops early, the others go on
+    assert generate(model, RAGGED, 8, temperature=0, eod=eod) == [
+        generate(model, prompt, 8, temperature=0, eod=eod) for prompt in RAGGED]
+
+
 def test_what_generation_refuses():
     model = tiny_model(pattern="MM")
-    with pytest.raises(InferenceError, match="different lengths"):
-        generate(model, [[1, 2, 3], [1, 2]], 3)
     with pytest.raises(InferenceError, match="prompt is empty"):
         generate(model, [], 3)
+    with pytest.raises(InferenceError, match="prompt is empty"):
+        generate(model, [[1, 2], []], 3)
     with pytest.raises(InferenceError, match="top_k"):
         generate(model, [1, 2], 3, top_k=0)
     stage = build_model(model.cfg, blocks=[0], post_process=False)

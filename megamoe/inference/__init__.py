@@ -1,5 +1,6 @@
-"""Using a trained model: loading a checkpoint into one process, recurrent generation, perplexity, the
-log-likelihoods lm-evaluation-harness asks for (scoring.py; the harness's model itself: harness.py, optional)."""
+"""Using a trained model: loading a checkpoint into one process, recurrent generation (ragged batches too),
+perplexity, the log-likelihoods lm-evaluation-harness asks for (scoring.py; the harness's model itself:
+harness.py, optional)."""
 from megamoe.errors import InferenceError
 from megamoe.inference.evaluation import (
     dataset_batches,
@@ -15,6 +16,7 @@ from megamoe.inference.generation import (
     filter_logits,
     forward_cached,
     generate,
+    prefill,
     sample,
 )
 from megamoe.inference.loading import available_bytes, checkpoint_tokenizer, load_for_inference
@@ -22,5 +24,6 @@ from megamoe.inference.scoring import continuation_logprobs
 
 __all__ = ["InferenceCache", "InferenceError", "allocate_cache", "available_bytes", "check_model",
            "checkpoint_tokenizer", "continuation_logprobs", "dataset_batches", "dataset_chunks",
-           "evaluate_perplexity", "filter_logits", "forward_cached", "generate", "load_for_inference", "sample",
+           "evaluate_perplexity", "filter_logits", "forward_cached", "generate", "load_for_inference", "prefill",
+           "sample",
            "text_batches", "token_batches"]

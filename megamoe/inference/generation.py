@@ -19,7 +19,14 @@ the steps. Capacity is counted per call over all tokens of the call, so a limit 
 depend on the other sequences of the batch and on how its prompt was split into calls. A full-sequence forward
 with capacity_factor > 0 may drop tokens, so decoding equals it only when the model has capacity_factor 0.
 
-Batched prompts must all have the same length (no padding, one position counter); run ragged prompts one by one.
+Ragged batches (prompts of different lengths): each prompt is prefilled into its own row from empty states,
+prompts of one length as one batch (`prefill`); then the rows step together, each at its own position (a Mamba
+state needs none; attention takes per-row RoPE positions and masks every row to its own keys, KVCache.step).
+So a row's prefill is exactly the computation of its prompt alone, and the batch only meets in the step, where
+every op is row-wise: each row decodes what it would alone. Left-padding with the packed-documents index
+(seq_idx) would also be exact in arithmetic, but runs the pads through every layer and takes other paths (the
+conv's cross-document corrections, masked prefill attention) that round differently from a prompt alone; and
+prefilling into a row is what continuous batching needs anyway (engine.py: a freed row takes a new request).
 """
 from __future__ import annotations
 
@@ -35,17 +42,48 @@ from megamoe.model import KVCache, LocalDispatcher, MambaLM, moe_capacity
 
 @dataclass
 class InferenceCache:
-    """Per block (by its name in model.layers): a Mamba (conv_state, ssm_state) or a KVCache."""
+    """Per block (by its name in model.layers): a Mamba (conv_state, ssm_state) or a KVCache, `batch` rows."""
 
     batch: int
     states: dict = field(default_factory=dict)
-    length: int = 0  # tokens consumed per sequence: the position of the next one
+    lengths: list = field(default_factory=list)  # per row: tokens consumed, the position of its next one
+
+    def __post_init__(self):
+        self.lengths = self.lengths or [0] * self.batch
+
+    @property
+    def length(self) -> int:
+        """The longest row's length (every row's, unless ragged)."""
+        return max(self.lengths, default=0)
 
     def nbytes(self) -> int:
         total = 0
         for state in self.states.values():
             total += state.nbytes() if isinstance(state, KVCache) else sum(t.numel() * t.element_size() for t in state)
         return total
+
+    def insert(self, rows: list, other: "InferenceCache") -> None:
+        """Row rows[i] takes other's row i (prompts prefilled apart); what those rows held is dropped."""
+        for name, state in self.states.items():
+            if isinstance(state, KVCache):
+                state.insert(rows, other.states[name])
+            else:
+                index = torch.tensor(rows, device=state[0].device)
+                for mine, theirs in zip(state, other.states[name]):
+                    mine.index_copy_(0, index, theirs)
+        for i, row in enumerate(rows):
+            self.lengths[row] = other.lengths[i]
+
+    def release(self, rows: list) -> None:
+        """Empty these rows (a finished sequence's): Mamba states zeroed, KV rows emptied."""
+        for state in self.states.values():
+            if isinstance(state, KVCache):
+                state.release(rows)
+            else:
+                for t in state:
+                    t[rows] = 0
+        for row in rows:
+            self.lengths[row] = 0
 
 
 def check_model(model) -> None:
@@ -68,33 +106,58 @@ def check_model(model) -> None:
 def allocate_cache(model, batch: int, max_length: Optional[int] = None) -> InferenceCache:
     """Empty states for `batch` sequences; `max_length` (prompt + new tokens) pre-sizes the KV caches."""
     check_model(model)
+    return _allocate(model, batch, max_length)
+
+
+def _allocate(model, batch: int, max_length: Optional[int]) -> InferenceCache:
     cache = InferenceCache(batch)
     for name, block in model.layers.items():
         if hasattr(block, "mixer"):
             cache.states[name] = block.mixer.allocate_inference_cache(batch)
         elif hasattr(block, "attention"):
-            cache.states[name] = KVCache(max_length or 0)
+            cache.states[name] = KVCache(max_length or 0, batch)
     return cache
 
 
 @torch.no_grad()
 def forward_cached(model, tokens: torch.Tensor, cache: InferenceCache, last_only: bool = False) -> torch.Tensor:
     """Logits (batch, n, vocab) of `tokens` (batch, n) following what `cache` has seen, which it then holds.
-    The first call takes the whole prompt at once (prefill); later calls feed their tokens one at a time.
-    last_only: logits of the last token alone (batch, 1, vocab)."""
+    Into an empty cache the prompts go at once (prefill); else the tokens go one at a time, each row at its own
+    position. last_only: logits of the last token alone (batch, 1, vocab)."""
     if tokens.dim() != 2 or tokens.shape[0] != cache.batch or tokens.shape[1] == 0:
         raise InferenceError(f"tokens of shape {tuple(tokens.shape)} for a cache of {cache.batch} sequences; "
                              f"give (batch={cache.batch}, n >= 1) token ids")
-    if cache.length > 0 and tokens.shape[1] > 1:  # MambaMixer.prefill starts from empty states
+    empty = not any(cache.lengths)
+    if not empty and tokens.shape[1] > 1:  # MambaMixer.prefill starts from empty states
         logits = [forward_cached(model, tokens[:, i:i + 1], cache, last_only) for i in range(tokens.shape[1])]
         return logits[-1] if last_only else torch.cat(logits, dim=1)
     device = model.embedding.weight.device
     with moe_capacity(model, 0.0):
         h = model.embed(tokens.to(device))
         for name, block in model.layers.items():
-            h = block.forward_cached(h, cache.states.get(name), cache.length)
-    cache.length += tokens.shape[1]
+            h = block.forward_cached(h, cache.states.get(name), empty)
+    cache.lengths = [n + tokens.shape[1] for n in cache.lengths]
     return model.head(h[:, -1:] if last_only else h)
+
+
+@torch.no_grad()
+def prefill(model, cache: InferenceCache, rows: list, prompts: list) -> torch.Tensor:
+    """Prompts (lists of ids, of any lengths) into the cache's `rows`, replacing what those held; returns the
+    logits of each prompt's last token (len(rows), vocab). Prompts of one length run as one batch."""
+    device = model.embedding.weight.device
+    groups: dict = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(len(prompt), []).append(i)
+    if len(groups) == 1 and not any(cache.lengths) and list(rows) == list(range(cache.batch)):
+        return forward_cached(model, torch.tensor(prompts, device=device), cache, last_only=True)[:, -1]
+    logits: list = [None] * len(prompts)
+    for length, members in groups.items():
+        part = _allocate(model, len(members), length)
+        out = forward_cached(model, torch.tensor([prompts[i] for i in members], device=device), part, True)[:, -1]
+        cache.insert([rows[i] for i in members], part)
+        for j, i in enumerate(members):
+            logits[i] = out[j]
+    return torch.stack(logits)
 
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
@@ -122,24 +185,19 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
-def _prompt_batch(prompt_ids, device) -> tuple:
-    """(tokens (batch, L), whether one prompt was given) from ids, a list of equal-length lists, or a tensor."""
+def _prompt_list(prompt_ids) -> tuple:
+    """(prompts as lists of ids, whether one prompt was given) from ids, a list of lists, or a tensor."""
     if isinstance(prompt_ids, torch.Tensor):
         single = prompt_ids.dim() == 1
-        tokens = prompt_ids.reshape(1, -1) if single else prompt_ids
+        prompts = prompt_ids.reshape(1, -1).tolist() if single else prompt_ids.tolist()
     else:
         prompts = list(prompt_ids)
         single = not prompts or not isinstance(prompts[0], (list, tuple, torch.Tensor))
-        prompts = [prompts] if single else [list(map(int, p)) for p in prompts]
-        lengths = sorted({len(p) for p in prompts})
-        if len(lengths) > 1:
-            raise InferenceError(f"batched prompts have different lengths {lengths}; give prompts of equal length "
-                                 "or generate them one at a time")
-        tokens = torch.tensor(prompts, dtype=torch.long)
-    if tokens.dim() != 2 or tokens.shape[1] == 0:
+        prompts = [list(map(int, prompts))] if single else [list(map(int, p)) for p in prompts]
+    if not prompts or any(len(p) == 0 for p in prompts):
         raise InferenceError("the prompt is empty; give at least one token (e.g. the tokenizer's eod to start a "
                              "document)")
-    return tokens.long().to(device), single
+    return prompts, single
 
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -147,10 +205,11 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
              vocab_size: Optional[int] = None):
     """Continue the prompt(s) by up to max_new_tokens tokens, recurrently (see the module docstring).
 
-    prompt_ids: one prompt (a list of ids or a 1-D tensor), or a batch of equal-length prompts (a list of lists
-    or a (batch, L) tensor). temperature 0 is greedy; top_k / top_p restrict sampling; seed makes it
-    reproducible (else torch's global generator is used). A sequence stops after emitting `eod`. vocab_size: only
-    ids below it are produced (the tokenizer's size; the model's vocabulary is padded beyond it).
+    prompt_ids: one prompt (a list of ids or a 1-D tensor), or a batch (a list of lists of any lengths, or a
+    (batch, L) tensor), each row decoding what it would alone (greedy; sampling draws from one generator for
+    the batch: engine.py gives each request its own). temperature 0 is greedy; top_k / top_p restrict sampling;
+    seed makes it reproducible (else torch's global generator is used). A sequence stops after emitting `eod`.
+    vocab_size: only ids below it are produced (the tokenizer's size; the model's vocabulary is padded beyond).
     Returns the new ids: a list for one prompt, a list of lists for a batch, each ending at its first eod."""
     check_model(model)
     for name, value, ok, want in (("max_new_tokens", max_new_tokens, max_new_tokens >= 0, ">= 0"),
@@ -160,12 +219,12 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
         if not ok:
             raise InferenceError(f"{name}={value} must be {want}")
     device = model.embedding.weight.device
-    tokens, single = _prompt_batch(prompt_ids, device)
-    batch = tokens.shape[0]
+    prompts, single = _prompt_list(prompt_ids)
+    batch = len(prompts)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = allocate_cache(model, batch, tokens.shape[1] + max_new_tokens)
+    cache = _allocate(model, batch, max(map(len, prompts)) + max_new_tokens)
     new, done = [], torch.zeros(batch, dtype=torch.bool, device=device)
-    logits = forward_cached(model, tokens, cache, last_only=True)[:, -1] if max_new_tokens else None
+    logits = prefill(model, cache, list(range(batch)), prompts) if max_new_tokens else None
     for i in range(max_new_tokens):
         if vocab_size is not None:
             logits[:, vocab_size:] = float("-inf")

@@ -7,7 +7,7 @@ or, from Python, `import megamoe.inference.harness` and then lm_eval's own `simp
 The checkpoint (any saved layout) is loaded into one CPU or GPU process by loading.py; the tokenizer is the one its
 config names. loglikelihood and rolling loglikelihood are megamoe's own forward (scoring.py), in batches; the
 rolling windows are lm_eval's (max_length: the run's seq_length by default). generate_until decodes recurrently as
-megamoe's generation does (no MoE capacity limit, greedy unless do_sample), prompts of equal length in one batch,
+megamoe's generation does (no MoE capacity limit, greedy unless do_sample), prompts of any lengths in one batch,
 and stops at the EOD or at the first of the `until` strings, which is cut off.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from megamoe.checkpoint import load_config
 from megamoe.errors import InferenceError
-from megamoe.inference.generation import allocate_cache, forward_cached, sample
+from megamoe.inference.generation import allocate_cache, forward_cached, prefill, sample
 from megamoe.inference.loading import checkpoint_tokenizer, load_for_inference
 from megamoe.inference.scoring import continuation_logprobs
 from megamoe.logging import get_logger
@@ -119,9 +119,9 @@ class MegaMoELM(TemplateLM):
             context, options = req.args
             settings = self._settings(dict(options or {}))
             ids = self.tok_encode(context)[-max(1, self.max_length - settings[1]):] or [self.eot_token_id]
-            groups.setdefault((len(ids), settings), []).append((i, ids))
+            groups.setdefault(settings, []).append((i, ids))
         results: list = [None] * len(requests)
-        for (_, settings), items in groups.items():
+        for settings, items in groups.items():
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start:start + self.batch_size]
                 for (i, _), text in zip(chunk, self._generate([ids for _, ids in chunk], *settings)):
@@ -143,11 +143,10 @@ class MegaMoELM(TemplateLM):
 
     @torch.no_grad()
     def _generate(self, prompts: list, until: tuple, max_new: int, temperature: float, top_k, top_p) -> list:
-        """Continuations of equal-length prompts, each cut at its first `until` string (or ended by EOD)."""
-        tokens = torch.tensor(prompts, dtype=torch.long, device=self._device)
-        cache = allocate_cache(self.model, len(prompts), tokens.shape[1] + max_new)
+        """Continuations of the prompts (a ragged batch), each cut at its first `until` string (or ended by EOD)."""
+        cache = allocate_cache(self.model, len(prompts), max(map(len, prompts)) + max_new)
         generator = torch.Generator(device=self._device).manual_seed(self.seed) if temperature > 0 else None
-        logits = forward_cached(self.model, tokens, cache, last_only=True)[:, -1]
+        logits = prefill(self.model, cache, list(range(len(prompts))), prompts)
         rows, done = [[] for _ in prompts], [False] * len(prompts)
         for step in range(max_new):
             logits[:, self.tok.vocab_size:] = float("-inf")

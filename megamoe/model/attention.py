@@ -44,28 +44,75 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_idx: Optional[
 
 
 class KVCache:
-    """Keys (RoPE applied) and values of the tokens seen so far, (batch, heads, capacity, head_dim) each;
-    the capacity doubles when a token does not fit (allocate_cache sizes it for the whole generation)."""
+    """Keys (RoPE applied) and values of the tokens seen so far, (batch, heads, capacity, head_dim) each. Row b
+    holds lengths[b] of them: rows differ in a ragged batch and when a slot is reused (continuous batching).
+    The capacity doubles when a token does not fit (allocate_cache sizes it for the whole generation)."""
 
-    def __init__(self, capacity: int = 0):
-        self.capacity, self.length = capacity, 0
+    def __init__(self, capacity: int = 0, batch: int = 0):
+        self.capacity = capacity
+        self.lengths = [0] * batch
         self.k: Optional[torch.Tensor] = None
         self.v: Optional[torch.Tensor] = None
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple:
-        """Add (batch, heads, n, head_dim) keys and values; return all of them so far."""
-        n = k.shape[2]
-        if self.k is None or self.length + n > self.k.shape[2]:
-            size = max(self.capacity, 2 * (self.length + n), 16)
-            grown = [t.new_zeros(*t.shape[:2], size, t.shape[3]) for t in (k, v)]
+    @property
+    def length(self) -> int:
+        return max(self.lengths, default=0)
+
+    def _fit(self, like: torch.Tensor, batch: int, need: int) -> None:
+        """Room for `need` positions in every row, keys shaped like `like` (*, heads, *, head_dim)."""
+        if self.k is None or need > self.k.shape[2]:
+            size = max(self.capacity, 2 * need, 16)
+            grown = [like.new_zeros(batch, like.shape[1], size, like.shape[3]) for _ in range(2)]
             if self.k is not None:
-                grown[0][:, :, :self.length] = self.k[:, :, :self.length]
-                grown[1][:, :, :self.length] = self.v[:, :, :self.length]
+                used = self.length
+                grown[0][:, :, :used], grown[1][:, :, :used] = self.k[:, :, :used], self.v[:, :, :used]
             self.k, self.v = grown
-        self.k[:, :, self.length:self.length + n] = k
-        self.v[:, :, self.length:self.length + n] = v
-        self.length += n
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+        if len(self.lengths) != batch:
+            self.lengths = [0] * batch
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """Add (batch, heads, n, head_dim) keys and values to rows all of one length; return all of them so far."""
+        start, n = self.length, k.shape[2]
+        if len(set(self.lengths)) > 1:
+            raise ValueError(f"KVCache.append: rows hold {sorted(set(self.lengths))} tokens; use step()")
+        self._fit(k, k.shape[0], start + n)
+        self.k[:, :, start:start + n], self.v[:, :, start:start + n] = k, v
+        self.lengths = [start + n] * k.shape[0]
+        return self.k[:, :, :start + n], self.v[:, :, :start + n]
+
+    def step(self, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """Add one token per row (batch, heads, 1, head_dim), each after its row's own; return (keys, values, mask)
+        up to the longest row, mask (batch, 1, 1, length) bool the keys of each row's own (None when all rows
+        have the same length)."""
+        if len(set(self.lengths)) <= 1:
+            return (*self.append(k, v), None)
+        batch, end = k.shape[0], self.length + 1
+        self._fit(k, batch, end)
+        at = torch.tensor(self.lengths, device=k.device)
+        rows = torch.arange(batch, device=k.device)
+        self.k[rows, :, at], self.v[rows, :, at] = k[:, :, 0], v[:, :, 0]
+        self.lengths = [n + 1 for n in self.lengths]
+        mask = torch.arange(end, device=k.device) <= at[:, None]
+        return self.k[:, :, :end], self.v[:, :, :end], mask[:, None, None]
+
+    def positions(self, device) -> torch.Tensor:
+        """(batch, 1) the position of each row's next token."""
+        return torch.tensor(self.lengths, device=device)[:, None]
+
+    def insert(self, rows: list, other: "KVCache") -> None:
+        """Row rows[i] becomes other's row i (a prompt prefilled apart); what the row held before is dropped."""
+        if other.k is None:
+            return
+        self._fit(other.k, self.k.shape[0] if self.k is not None else len(self.lengths), other.length)
+        for i, row in enumerate(rows):
+            n = other.lengths[i]
+            self.k[row, :, :n], self.v[row, :, :n] = other.k[i, :, :n], other.v[i, :, :n]
+            self.lengths[row] = n
+
+    def release(self, rows: list) -> None:
+        """Empty these rows: their keys are never read again (masked out) and are overwritten by the next."""
+        for row in rows:
+            self.lengths[row] = 0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
@@ -93,17 +140,23 @@ class Attention(nn.Module):
         y = self.attend(q, k, v, seq_idx)
         return self.out_proj(y.transpose(1, 2).reshape(batch, length, -1))
 
-    def forward_cached(self, x: torch.Tensor, kv: KVCache, start: int) -> torch.Tensor:
-        """Attention of x (batch, n, d_model) at positions start .. start + n - 1 over the cached tokens and
-        itself. n > 1 only for the prompt (start 0, causal); after it one token at a time, attending to all."""
+    def forward_cached(self, x: torch.Tensor, kv: KVCache, prefill: bool) -> torch.Tensor:
+        """Attention of x (batch, n, d_model) over the cached tokens and itself. prefill: the prompts (rows all
+        empty, n tokens each, causal); else one token per row at its row's own position, attending to its row."""
         batch, n, _ = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k, v = (t.reshape(batch, n, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        # The full forward's tables sliced at these positions: the same angles to the bit.
-        cos, sin = rope_tables(start + n, self.head_dim, self.rope_base, x.device)
-        q, k = apply_rope(q, cos[start:], sin[start:]), apply_rope(k, cos[start:], sin[start:])
-        k, v = kv.append(k, v)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and n > 1)
+        if prefill:
+            cos, sin = rope_tables(n, self.head_dim, self.rope_base, x.device)
+        else:  # the same angles to the bit as the full forward's table at these positions
+            cos, sin = rope_tables(1, self.head_dim, self.rope_base, x.device, kv.positions(x.device))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if prefill:
+            kv.append(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1)
+        else:
+            k, v, mask = kv.step(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(y.transpose(1, 2).reshape(batch, n, -1))
 
 

@@ -113,16 +113,16 @@ class Block(nn.Module):
                 out = out + sublayer(x)
         return out
 
-    def forward_cached(self, h: torch.Tensor, state, start: int) -> torch.Tensor:
+    def forward_cached(self, h: torch.Tensor, state, prefill: bool) -> torch.Tensor:
         """forward() for generation, carrying `state` (the mixer's (conv, ssm) states or attention's KVCache):
-        the prompt at start 0, then one token at a time. MoE and FFN are per token and keep nothing."""
+        the prompts from empty states (prefill), then one token per row. MoE and FFN are per token, keep nothing."""
         x = self.norm(h)
         out = h
         for sublayer in self.sublayers():
             if sublayer is getattr(self, "mixer", None):
-                out = out + (sublayer.prefill(x, state) if start == 0 else sublayer.step(x, state))
+                out = out + (sublayer.prefill(x, state) if prefill else sublayer.step(x, state))
             elif sublayer is getattr(self, "attention", None):
-                out = out + sublayer.forward_cached(x, state, start)
+                out = out + sublayer.forward_cached(x, state, prefill)
             else:
                 out = out + sublayer(x)
         return out
