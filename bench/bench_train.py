@@ -7,6 +7,11 @@ parameters as the Mamba.
 
 One step = forward, backward, AdamW update, fp32, torch threads = 2 (this machine's cores). Targets: megamoe's
 Mamba >= 3x HF's tokens/s; MoE-Mamba step time <= 1.3x the same-active Mamba's.
+
+MFU: model FLOPs per step (megamoe.training.metrics.flops_per_token: every matmul, attention, the scan, the LM
+head; HF's Mamba is the same model, so its FLOPs are the Mamba row's) over the step time, against the fp32 GEMM
+peak of this machine measured in the same run (a square matmul, the best of several). Target >= 30% for the Mamba
+and MoE-Mamba rows. `--profile` adds the Mamba step's operators by self CPU time.
 """
 from __future__ import annotations
 
@@ -31,6 +36,29 @@ def _time_steps(step, steps: int) -> float:
     return statistics.median(times)
 
 
+def gemm_peak(threads: int, n: int = 1024, reps: int = 7) -> float:
+    """FLOP/s of an n x n x n fp32 matmul on `threads` threads, the best of `reps`: the machine's own ceiling."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def profile_table(step, rows: int = 12) -> str:
+    """The step's operators by self CPU time (torch.profiler), after a warm-up step."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def hf_step(args):
     import transformers
     cfg = transformers.MambaConfig(hidden_size=args.d_model, num_hidden_layers=args.layers, state_size=16,
@@ -52,6 +80,7 @@ def megamoe_step(args, pattern: str):
     from megamoe.parallel import destroy_distributed, init_distributed
     from megamoe.parallel.parallelize import build_parallel_model
     from megamoe.training import make_runner, train_step
+    from megamoe.training.metrics import flops_per_token
     from megamoe.training.optimizer import build_optimizer
 
     cfg = config_from_dict({"model": {"pattern": pattern, "d_model": args.d_model, "d_state": 16,
@@ -67,7 +96,8 @@ def megamoe_step(args, pattern: str):
 
     def step():
         train_step(runner, opt, [batch], cfg, topo, lr=1e-4)
-    return step, count_parameters(cfg.model)
+    counts = count_parameters(cfg.model)
+    return step, counts, flops_per_token(counts, cfg)
 
 
 def main(argv=None):
@@ -80,30 +110,40 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="batch 2 x 256, 2 timed steps")
+    parser.add_argument("--profile", action="store_true", help="print the Mamba step's operators by CPU time")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.seq, args.steps = 2, 256, 2
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokens = args.batch * args.seq
-    rows = []
+    peak = gemm_peak(args.threads)
     step, total = hf_step(args)
     hf_time = _time_steps(step, args.steps)
-    rows.append(("HF MambaForCausalLM + mambapy", total, total, hf_time))
-    step, counts = megamoe_step(args, "M" * args.layers)
-    mamba_time = _time_steps(step, args.steps)
-    rows.append(("megamoe Mamba (" + "M" * args.layers + ")", counts["total"], counts["active"], mamba_time))
-    step, counts = megamoe_step(args, "ME" * (args.layers // 2))
+    mamba, counts, mamba_flops = megamoe_step(args, "M" * args.layers)
+    mamba_time = _time_steps(mamba, args.steps)
+    rows = [("HF MambaForCausalLM + mambapy", total, total, hf_time, mamba_flops),
+            ("megamoe Mamba (" + "M" * args.layers + ")", counts["total"], counts["active"], mamba_time, mamba_flops)]
+    table = profile_table(mamba) if args.profile else None
+    step, counts, flops = megamoe_step(args, "ME" * (args.layers // 2))
     moe_time = _time_steps(step, args.steps)
     rows.append((f"megamoe MoE-Mamba ({'ME' * (args.layers // 2)}, 8 experts)", counts["total"], counts["active"],
-                 moe_time))
+                 moe_time, flops))
     print(f"d_model {args.d_model}, d_state 16, vocab {args.vocab}, batch {args.batch} x {args.seq}, fp32, "
-          f"{args.threads} threads; median of {args.steps} steps")
-    print(f"{'model':<44}{'total M':>9}{'active M':>10}{'step s':>9}{'tokens/s':>10}{'vs HF':>8}")
-    for name, total, active, t in rows:
-        print(f"{name:<44}{total / 1e6:9.2f}{active / 1e6:10.2f}{t:9.3f}{tokens / t:10.0f}{hf_time / t:7.2f}x")
+          f"{args.threads} threads; median of {args.steps} steps; fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s")
+    print(f"{'model':<44}{'total M':>9}{'active M':>10}{'step s':>9}{'tokens/s':>10}{'vs HF':>8}{'GFLOP/s':>9}"
+          f"{'MFU':>7}")
+    mfu = {}
+    for name, total, active, t, per_token in rows:
+        achieved = tokens * per_token / t
+        mfu[name] = achieved / peak
+        print(f"{name:<44}{total / 1e6:9.2f}{active / 1e6:10.2f}{t:9.3f}{tokens / t:10.0f}{hf_time / t:7.2f}x"
+              f"{achieved / 1e9:9.1f}{100 * mfu[name]:6.1f}%")
     print(f"megamoe Mamba vs HF tokens/s: {hf_time / mamba_time:.2f}x (target >= 3x); "
-          f"MoE-Mamba step / same-active Mamba step: {moe_time / mamba_time:.2f} (target <= 1.3)")
+          f"MoE-Mamba step / same-active Mamba step: {moe_time / mamba_time:.2f} (target <= 1.3); "
+          f"MFU Mamba {100 * mfu[rows[1][0]]:.1f}%, MoE-Mamba {100 * mfu[rows[2][0]]:.1f}% (target >= 30%)")
+    if table:
+        print(table)
 
 
 if __name__ == "__main__":
