@@ -84,7 +84,7 @@ class Engine:
 
     eod: the id that ends a sequence; vocab_size: only ids below it are produced (the tokenizer's size);
     decode: ids -> text, for Request.text and stop strings; max_length: the most tokens (prompt + max_tokens) a
-    request may have (None: no limit); it pre-sizes the KV caches."""
+    request may have (None: no limit). KV caches grow as their longest row does."""
 
     def __init__(self, model, slots: int = 8, eod: Optional[int] = None, vocab_size: Optional[int] = None,
                  decode: Optional[Callable] = None, max_length: Optional[int] = None):
@@ -94,7 +94,7 @@ class Engine:
         self.model, self.eod, self.vocab_size, self.decode = model, eod, vocab_size, decode
         self.max_length = max_length
         self.device = model.embedding.weight.device
-        self.cache = allocate_cache(model, slots, max_length)
+        self.cache = allocate_cache(model, slots)
         self.slots: list = [None] * slots  # the Request each row decodes, None when free
         self.next_tokens = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self._waiting: deque = deque()
@@ -202,13 +202,16 @@ class Engine:
         request._done.set()
 
     def serve_forever(self) -> None:
-        """Step while there is work, wait while there is none, until shutdown(). A failing step fails the
-        requests it held (finish_reason "error") and the engine goes on with the next."""
+        """Step while there is work, wait while there is none, until shutdown() (which cancels what is left). A
+        failing step fails the requests it held (finish_reason "error") and the engine goes on with the next."""
         while True:
             with self._lock:
                 while not self._stopping and not self.busy:
                     self._lock.wait()
                 if self._stopping:
+                    for row, request in enumerate(self.slots):
+                        if request is not None:
+                            self._finish(row, request, "cancelled")
                     return
             try:
                 self.step()
@@ -220,7 +223,7 @@ class Engine:
                 self.cache.release(list(range(len(self.slots))))
 
     def shutdown(self) -> None:
-        """Stop serve_forever (after its current step); waiting requests are cancelled."""
+        """Stop serve_forever after its current step; waiting and running requests are cancelled."""
         with self._lock:
             self._stopping = True
             while self._waiting:
