@@ -1,7 +1,8 @@
-"""Using a trained model: loading a checkpoint into one process, recurrent generation (ragged batches too),
-perplexity, the log-likelihoods lm-evaluation-harness asks for (scoring.py; the harness's model itself:
-harness.py, optional)."""
+"""Using a trained model: loading a checkpoint into one process, recurrent generation (ragged batches too;
+continuous batching in engine.py, served over HTTP by server.py), perplexity, the log-likelihoods
+lm-evaluation-harness asks for (scoring.py; the harness's model itself: harness.py, optional)."""
 from megamoe.errors import InferenceError
+from megamoe.inference.engine import Engine, Request
 from megamoe.inference.evaluation import (
     dataset_batches,
     dataset_chunks,
@@ -22,7 +23,7 @@ from megamoe.inference.generation import (
 from megamoe.inference.loading import available_bytes, checkpoint_tokenizer, load_for_inference
 from megamoe.inference.scoring import continuation_logprobs
 
-__all__ = ["InferenceCache", "InferenceError", "allocate_cache", "available_bytes", "check_model",
+__all__ = ["Engine", "InferenceCache", "InferenceError", "Request", "allocate_cache", "available_bytes", "check_model",
            "checkpoint_tokenizer", "continuation_logprobs", "dataset_batches", "dataset_chunks",
            "evaluate_perplexity", "filter_logits", "forward_cached", "generate", "load_for_inference", "prefill",
            "sample",

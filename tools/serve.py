@@ -1,0 +1,80 @@
+"""Serve a trained checkpoint over HTTP with an OpenAI-compatible completions endpoint, batching requests.
+
+    python tools/serve.py --load ckpt/run1 --port 8000 --max-batch-size 8
+    curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"prompt": "import os", "max_tokens": 32, "temperature": 0}'
+
+POST /v1/completions (prompt: a string or a list of them, max_tokens, temperature, top_p, top_k, stop, stream,
+seed) and GET /v1/models; see megamoe/inference/server.py. Concurrent requests decode together in up to
+--max-batch-size slots (continuous batching: a finished sequence's slot takes the next waiting prompt). Runs in
+one process on CPU by default; the checkpoint may have been saved in any TP/PP/EP/DP layout. --port 0 picks a
+free port; the address is printed on stderr once the server listens.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import torch  # noqa: E402
+
+from megamoe import checkpoint  # noqa: E402
+from megamoe.config import TOKENIZER_TYPES  # noqa: E402
+from megamoe.errors import InferenceError, UserError  # noqa: E402
+from megamoe.inference import Engine, checkpoint_tokenizer, load_for_inference  # noqa: E402
+from megamoe.inference.server import CompletionServer  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="a checkpoint folder, or a --save folder (its latest)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="0: a free port")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoding at once (slots)")
+    parser.add_argument("--max-length", type=int, default=4096,
+                        help="the most tokens (prompt + max_tokens) one completion may have")
+    parser.add_argument("--model-name", help="the name clients use (default: the checkpoint folder's name)")
+    parser.add_argument("--tokenizer-model",
+                        help="sentencepiece .model or Hugging Face tokenizer folder (default: the checkpoint's)")
+    parser.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES),
+                        help="as in training (default: the checkpoint's, or told by --tokenizer-model)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-length", args.max_length)):
+            if value < 1:
+                raise InferenceError(f"{flag} {value} must be >= 1")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        tokenizer = checkpoint_tokenizer(checkpoint.load_config(args.load), args.tokenizer_model,
+                                         tokenizer_type=args.tokenizer_type)  # before the model
+        model, _ = load_for_inference(args.load, args.device)
+        engine = Engine(model, slots=args.max_batch_size, eod=tokenizer.eod, vocab_size=tokenizer.vocab_size,
+                        decode=tokenizer.decode, max_length=args.max_length)
+        name = args.model_name or os.path.basename(os.path.normpath(args.load))
+        try:
+            server = CompletionServer(engine, tokenizer, name, args.host, args.port)
+        except OSError as e:
+            raise InferenceError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port")
+    except UserError as e:
+        print(f"serve: error: {e}", file=sys.stderr)
+        return 2
+    print(f"serving {name} on {server.url} ({args.max_batch_size} slots); Ctrl-C stops", file=sys.stderr,
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
