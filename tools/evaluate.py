@@ -20,9 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from megamoe.checkpoint import load_config  # noqa: E402
-from megamoe.config import TOKENIZER_TYPES  # noqa: E402
 from megamoe.errors import DataError, UserError  # noqa: E402
 from megamoe.inference import (  # noqa: E402
+    add_loading_arguments,
     checkpoint_tokenizer,
     dataset_batches,
     evaluate_perplexity,
@@ -46,12 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
     parser.add_argument("--capacity-factor", type=float, default=None,
                         help="MoE capacity for evaluation (default: the model's; 0: no token dropped)")
-    parser.add_argument("--tokenizer-model",
-                        help="sentencepiece .model or Hugging Face tokenizer folder (default: the checkpoint's)")
-    parser.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES),
-                        help="as in training (default: the checkpoint's, or told by --tokenizer-model)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    add_loading_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 

@@ -18,9 +18,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from megamoe.checkpoint import load_config  # noqa: E402
-from megamoe.config import TOKENIZER_TYPES  # noqa: E402
 from megamoe.errors import DataError, InferenceError, UserError  # noqa: E402
-from megamoe.inference import checkpoint_tokenizer, generate, load_for_inference  # noqa: E402
+from megamoe.inference import (  # noqa: E402
+    add_loading_arguments,
+    checkpoint_tokenizer,
+    generate,
+    load_for_inference,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,12 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="makes sampling reproducible (default: a fresh one, printed on stderr)")
     parser.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, in one batch")
     parser.add_argument("--no-stop-at-eod", action="store_true", help="keep going past the end-of-document token")
-    parser.add_argument("--tokenizer-model",
-                        help="sentencepiece .model or Hugging Face tokenizer folder (default: the checkpoint's)")
-    parser.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES),
-                        help="as in training (default: the checkpoint's, or told by --tokenizer-model)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    add_loading_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object with the samples and timings")
     return parser
 

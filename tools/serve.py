@@ -19,9 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from megamoe import checkpoint  # noqa: E402
-from megamoe.config import TOKENIZER_TYPES  # noqa: E402
 from megamoe.errors import InferenceError, UserError  # noqa: E402
-from megamoe.inference import Engine, checkpoint_tokenizer, load_for_inference  # noqa: E402
+from megamoe.inference import Engine, add_loading_arguments, checkpoint_tokenizer, load_for_inference  # noqa: E402
 from megamoe.inference.server import CompletionServer  # noqa: E402
 
 
@@ -34,12 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=4096,
                         help="the most tokens (prompt + max_tokens) one completion may have")
     parser.add_argument("--model-name", help="the name clients use (default: the checkpoint folder's name)")
-    parser.add_argument("--tokenizer-model",
-                        help="sentencepiece .model or Hugging Face tokenizer folder (default: the checkpoint's)")
-    parser.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES),
-                        help="as in training (default: the checkpoint's, or told by --tokenizer-model)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    add_loading_arguments(parser)
     return parser
 
 

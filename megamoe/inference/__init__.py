@@ -20,11 +20,15 @@ from megamoe.inference.generation import (
     prefill,
     sample,
 )
-from megamoe.inference.loading import available_bytes, checkpoint_tokenizer, load_for_inference
+from megamoe.inference.loading import (
+    add_loading_arguments,
+    available_bytes,
+    checkpoint_tokenizer,
+    load_for_inference,
+)
 from megamoe.inference.scoring import continuation_logprobs
 
-__all__ = ["Engine", "InferenceCache", "InferenceError", "Request", "allocate_cache", "available_bytes", "check_model",
-           "checkpoint_tokenizer", "continuation_logprobs", "dataset_batches", "dataset_chunks",
-           "evaluate_perplexity", "filter_logits", "forward_cached", "generate", "load_for_inference", "prefill",
-           "sample",
-           "text_batches", "token_batches"]
+__all__ = ["Engine", "InferenceCache", "InferenceError", "Request", "add_loading_arguments", "allocate_cache",
+           "available_bytes", "check_model", "checkpoint_tokenizer", "continuation_logprobs", "dataset_batches",
+           "dataset_chunks", "evaluate_perplexity", "filter_logits", "forward_cached", "generate",
+           "load_for_inference", "prefill", "sample", "text_batches", "token_batches"]

@@ -3,6 +3,7 @@
     model, cfg = load_for_inference(checkpoint, device)   any saved TP/PP/EP/DP layout, into one CPU or GPU process
     tokenizer  = checkpoint_tokenizer(cfg)                the tokenizer the checkpoint's config names, or the one given
     cfg        = checkpoint.load_config(path)             the config alone (megamoe.checkpoint)
+    add_loading_arguments(parser)                         the tools' --tokenizer-model/-type, --device, --threads
 """
 from __future__ import annotations
 
@@ -12,9 +13,20 @@ from typing import Optional
 import torch
 
 from megamoe import checkpoint
+from megamoe.config import TOKENIZER_TYPES
 from megamoe.data import load_tokenizer
 from megamoe.errors import DataError, InferenceError
 from megamoe.model import build_model, count_parameters
+
+
+def add_loading_arguments(parser) -> None:
+    """The flags every tool that loads a checkpoint for use shares (generate, evaluate, serve)."""
+    parser.add_argument("--tokenizer-model",
+                        help="sentencepiece .model or Hugging Face tokenizer folder (default: the checkpoint's)")
+    parser.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES),
+                        help="as in training (default: the checkpoint's, or told by --tokenizer-model)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
 
 
 def available_bytes(device: torch.device) -> Optional[int]:
