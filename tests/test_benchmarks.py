@@ -21,6 +21,8 @@ SMALLEST = {  # bench: (arguments, what its output must show)
     "bench_comm": (["--seq", "32", "--mbs", "2", "--vocab", "256"], r"ep_all_to_all +0 +\d+\.\d+ +\d+\.\d+ +\d\.\d+"),
     "bench_context": (["--seq", "256", "--cp", "2", "--vocab", "256"], r"\| 2 \| \d+\.\d+ \| \d+\.\d+ \| \d+\.\d+x \|"),
     "bench_kernels": (["--interpret", "--shapes", "8x64", "--iters", "1", "--batch", "1"], r"\(ok\)"),
+    "bench_generate": (["--d-model", "64", "--blocks", "1", "--experts", "2", "--vocab", "256", "--contexts", "64",
+                        "128", "--batches", "1", "2", "--steps", "2"], r"MoE-Mamba batch-1 step / floor: \d+\.\d+x"),
     "bench_train": (["--quick", "--d-model", "64", "--layers", "2", "--vocab", "512", "--steps", "1", "--profile"],
                     r"vs HF tokens/s: \d+\.\d+x.*MFU Mamba \d+\.\d+%, MoE-Mamba \d+\.\d+%(.*\n)*.*Self CPU"),
 }

@@ -79,6 +79,22 @@ def test_recurrent_decoding_equals_full_forward(name, prompt):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_decoding_through_the_fast_products_equals_full_forward():
+    """At widths where decode steps take ops.linear's oneDNN and row-blocked paths (d_model 256, 2 threads),
+    stepping still equals the full forward: Mamba, MoE (top-2, shared expert), attention and FFN blocks."""
+    cfg = ModelConfig(d_model=256, d_state=8, vocab_size=VOCAB, num_experts=4, num_heads=4, pattern="MEAF",
+                      capacity_factor=0, top_k=2, shared_expert_intermediate_size=256)
+    model = perturbed(build_model(cfg, seed=5), 5)
+    ids = tokens(2, 9)
+    torch.set_num_threads(2)
+    with torch.no_grad():
+        full = model(ids).logits
+    cache = allocate_cache(model, 2)
+    parts = [forward_cached(model, ids[:, :4], cache)] + [forward_cached(model, ids[:, t:t + 1], cache)
+                                                           for t in range(4, 9)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
 def _greedy_by_full_forwards(model, prompt, steps):
     seq = prompt.clone()
     with torch.no_grad():

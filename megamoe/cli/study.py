@@ -56,7 +56,7 @@ def _active(section: dict) -> int:
     return count_parameters(config_from_dict({"model": dict(section, vocab_size=128)}).model)["active_non_embedding"]
 
 
-def _width_matching(section: dict, key: str, target: int) -> dict:
+def width_matching(section: dict, key: str, target: int) -> dict:
     """`section` with `key` (d_ffn or d_expert), a multiple of 64, set so its active parameters come closest to
     `target`: attention blocks are smaller than Mamba's, so their FFN or experts are widened to equal Mamba."""
     d_model = section.get("d_model", ModelConfig.d_model)
@@ -79,8 +79,8 @@ def built_in_models(base_model: dict, blocks: int) -> dict:
         "mamba": mamba,
         "moe_mamba": dict(moe, pattern="ME" * blocks),
         "dense_twin": dict(dense, pattern="MF" * blocks, d_ffn=d_expert),
-        "transformer": _width_matching(dict(dense, pattern="AF" * blocks), "d_ffn", target),
-        "transformer_moe": _width_matching(dict(moe, pattern="AE" * blocks), "d_expert", target),
+        "transformer": width_matching(dict(dense, pattern="AF" * blocks), "d_ffn", target),
+        "transformer_moe": width_matching(dict(moe, pattern="AE" * blocks), "d_expert", target),
         "parallel_moe_mamba": dict(moe, pattern="ME" * blocks, parallel_moe=True),
         "moe_in_mamba": dict(moe, pattern="MM" * blocks, mamba_moe_projections=["conv", "output"],
                              mamba_moe_every=2),

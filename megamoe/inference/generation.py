@@ -38,6 +38,7 @@ import torch
 from megamoe.config import block_kinds
 from megamoe.errors import InferenceError
 from megamoe.model import KVCache, LocalDispatcher, MambaLM, moe_capacity
+from megamoe.ops.linear import module_linear
 
 
 @dataclass
@@ -137,7 +138,8 @@ def forward_cached(model, tokens: torch.Tensor, cache: InferenceCache, last_only
         for name, block in model.layers.items():
             h = block.forward_cached(h, cache.states.get(name), empty)
     cache.lengths = [n + tokens.shape[1] for n in cache.lengths]
-    return model.head(h[:, -1:] if last_only else h)
+    h = h[:, -1:] if last_only else h
+    return model.head(h) if empty else module_linear(model.lm_head, model.norm_f(h))
 
 
 @torch.no_grad()

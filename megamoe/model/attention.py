@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megamoe.ops.linear import module_linear
+
 
 def rope_tables(length: int, head_dim: int, base: float, device=None,
                 positions: Optional[torch.Tensor] = None) -> tuple:
@@ -144,7 +146,7 @@ class Attention(nn.Module):
         """Attention of x (batch, n, d_model) over the cached tokens and itself. prefill: the prompts (rows all
         empty, n tokens each, causal); else one token per row at its row's own position, attending to its row."""
         batch, n, _ = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (self.qkv(x) if prefill else module_linear(self.qkv, x)).chunk(3, dim=-1)
         q, k, v = (t.reshape(batch, n, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if prefill:
             cos, sin = rope_tables(n, self.head_dim, self.rope_base, x.device)
@@ -157,6 +159,7 @@ class Attention(nn.Module):
         else:
             k, v, mask = kv.step(k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return module_linear(self.out_proj, y.transpose(1, 2).reshape(batch, n, -1))
         return self.out_proj(y.transpose(1, 2).reshape(batch, n, -1))
 
 
@@ -179,3 +182,7 @@ class FeedForward(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.fc2(activate(self.fc1(h), self.activation))
+
+    def step(self, h: torch.Tensor) -> torch.Tensor:
+        """forward() for a decode step, through ops.linear (see there)."""
+        return module_linear(self.fc2, activate(module_linear(self.fc1, h), self.activation))

@@ -124,7 +124,7 @@ class Block(nn.Module):
             elif sublayer is getattr(self, "attention", None):
                 out = out + sublayer.forward_cached(x, state, prefill)
             else:
-                out = out + sublayer(x)
+                out = out + (sublayer(x) if prefill else sublayer.step(x))
         return out
 
 

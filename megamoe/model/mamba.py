@@ -22,6 +22,7 @@ from torch import nn
 
 from megamoe.config import mamba_d_inner, mamba_dt_rank
 from megamoe.ops import causal_conv1d, selective_scan, selective_state_update
+from megamoe.ops.linear import linear, module_linear
 
 
 def init_dt_bias(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
@@ -120,17 +121,22 @@ class MambaMixer(nn.Module):
         return self(h, cache)
 
     def step(self, h: torch.Tensor, cache: tuple) -> torch.Tensor:
-        """One token: h (batch, 1, d_model) -> (batch, 1, d_model), updating `cache` in place."""
+        """One token: h (batch, 1, d_model) -> (batch, 1, d_model), updating `cache` in place. The projections go
+        through ops.linear (a weight-reading GEMV; MoE projections through their own step)."""
         conv_state, ssm_state = cache
-        x, z = self._in_projections(h)
-        x, z = x[:, 0], z[:, 0]
+        h = h[:, 0]
+        if hasattr(self, "in_proj"):
+            x, z = module_linear(self.in_proj, h).chunk(2, dim=-1)
+        else:
+            x, z = module_linear(self.conv_proj, h), module_linear(self.gate_proj, h)
         conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
         conv_state[..., -1] = x
         x = (conv_state * self.conv1d.weight[:, 0]).sum(-1)
         if self.conv1d.bias is not None:
             x = x + self.conv1d.bias
         x = F.silu(x)
-        dt, B, C = self._ssm_inputs(x[:, None])
-        y = selective_state_update(ssm_state, x, dt[..., 0], -torch.exp(self.A_log.float()), B[..., 0], C[..., 0],
-                                   self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
-        return self.out_proj(y[:, None])
+        dt, B, C = torch.split(module_linear(self.x_proj, x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = linear(dt, self.dt_proj.weight)
+        y = selective_state_update(ssm_state, x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z,
+                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        return module_linear(self.out_proj, y)[:, None]

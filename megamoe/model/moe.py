@@ -43,6 +43,7 @@ from megamoe.model.router import (
     sequence_load_balancing_loss,
     token_choice,
 )
+from megamoe.ops.linear import linear, matmul_in_out
 
 
 class _AuxLossInjector(torch.autograd.Function):
@@ -386,3 +387,32 @@ class SwitchMoE(nn.Module):
             out = attach_aux_loss(out, sum(losses[1:], losses[0]))
         return out.reshape(*shape[:-1], out.shape[-1])
 
+    def step(self, h: torch.Tensor) -> torch.Tensor:
+        """forward() for a decode step (a few tokens, no autograd, no capacity limit, every expert here): each
+        token through its chosen experts' weights as stored, with none of the dispatch bookkeeping (the sort, the
+        capacity queue, the stats), which costs more than a step's matrix-vector products. Else forward()."""
+        x = h.reshape(-1, h.shape[-1])
+        if (torch.is_grad_enabled() or self.training or self.capacity_factor or x.shape[0] > 16
+                or not isinstance(self.dispatcher, LocalDispatcher) or self.routing.force_load_balancing
+                or getattr(self.experts, "etp_group", None) is not None):
+            return self(h)
+        logits = linear(x.float(), self.router.weight.float())
+        gates, _ = router_scores(logits, self.routing.score_function)
+        expert_index, weights = token_choice(logits, gates, self.top_k, self.routing, self.router.expert_bias)
+        experts, w2 = self.experts, getattr(self.experts, "w2", None)
+        by_expert: dict = {}  # expert -> (tokens, their weights): each expert's weights are read once
+        for t, chosen in enumerate(expert_index.tolist()):
+            for k, e in enumerate(chosen):
+                by_expert.setdefault(e, ([], []))[0].append(t)
+                by_expert[e][1].append(k)
+        out = None
+        for e, (tokens, ks) in by_expert.items():
+            rows = torch.tensor(tokens, device=x.device)
+            y = matmul_in_out(x[rows], experts.w1[e])
+            if w2 is not None:
+                y = matmul_in_out(activate(y, experts.activation), w2[e])
+            y = y * weights[rows, torch.tensor(ks, device=x.device), None].to(y.dtype)
+            out = (y.new_zeros(x.shape[0], y.shape[-1]) if out is None else out).index_add_(0, rows, y)
+        if hasattr(self, "shared"):
+            out = out + self.shared.step(x).to(out.dtype)
+        return out.reshape(*h.shape[:-1], out.shape[-1])

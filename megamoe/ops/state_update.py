@@ -24,9 +24,12 @@ def selective_state_update_ref(state: torch.Tensor, x: torch.Tensor, dt: torch.T
         dt = F.softplus(dt)
     dA = torch.exp(dt[..., None] * A.float())
     dBx = (dt * x.float())[..., None] * B.float()[:, None, :]
-    new_state = state.float() * dA + dBx
-    state.copy_(new_state)
-    y = torch.einsum("bdn,bn->bd", new_state, C.float())
+    if state.dtype == torch.float32:  # in place: the state is read and written once
+        new_state = state.mul_(dA).add_(dBx)
+    else:
+        new_state = state.float() * dA + dBx
+        state.copy_(new_state)
+    y = torch.matmul(new_state, C.float()[..., None])[..., 0]
     if D is not None:
         y = y + x.float() * D.float()
     if z is not None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megamoe.model.moe import Experts, SwitchMoE, aux_loss_scale, capacity, load_balancing_loss
+from megamoe.model.router import Routing
 
 # 8 tokens that are one-hot in 4 dims; the router is 10 x identity, so token t goes to expert ROUTE[t].
 ROUTE = [0, 0, 0, 1, 1, 2, 3, 3]
@@ -215,3 +216,27 @@ def test_unaligned_widths_fall_back_to_the_loop(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "grouped_mm", None)  # would fail if it were called
     x = torch.randn(9, 6)
     torch.testing.assert_close(grouped(x, [2, 3, 4, 0]), loop(x, [2, 3, 4, 0]))
+
+
+@pytest.mark.parametrize("options", [
+    dict(top_k=1),
+    dict(top_k=2, routing=Routing(score_function="sigmoid"), expert_bias=True, shared_expert_size=64),
+    dict(top_k=2, routing=Routing(pre_softmax=False), activation="swiglu"),
+    dict(top_k=1, activation="linear", d_out=96),
+], ids=["switch", "sigmoid_top2_bias_shared", "pre_softmax_top2_swiglu", "linear_projection"])
+def test_decode_step_equals_forward(options):
+    """SwitchMoE.step (a decode step: each token straight through its experts' weights) is forward() without a
+    capacity limit, for every routing option it takes; at 2 threads and widths where the fast products run."""
+    torch.manual_seed(0)
+    moe = SwitchMoE(256, num_experts=4, d_expert=512, capacity_factor=0, **options).eval()
+    if moe.router.expert_bias is not None:
+        moe.router.expert_bias.copy_(torch.randn(4))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for rows in (1, 8):
+            x = torch.randn(rows, 1, 256)
+            with torch.no_grad():
+                torch.testing.assert_close(moe.step(x), moe(x), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,146 @@
+"""Decoding speed and cache size: MoE-Mamba against the Transformer-MoE of the same active size, beside the floor
+of a step measured on this machine in the same run.
+
+    python bench/bench_generate.py            # d_model 512, 8 blocks (ME x 4 / AE x 4), 8 experts, vocab 8000,
+                                              # contexts 1k, 4k, 16k, batch 1 and 8, fp32, 2 threads
+    python bench/bench_generate.py --quick    # contexts 1k and 4k
+
+Each row: a cache holding `context` tokens per sequence, then greedy decode steps (megamoe.inference.generation's
+forward_cached, one token per sequence), the median step. The caches are filled with random values of the
+context's length rather than prefilled: a step's work depends on the cache's size, not its values, and a 16k
+prefill of the Transformer takes minutes here. Cache: bytes per sequence after the steps (Mamba's conv and SSM
+states; the Transformer's keys and values).
+
+Floor (batch 1): the bytes one step must read, the active weights (the dense ones, the chosen expert of each MoE
+layer, the whole LM head) and the cache, over this machine's memory bandwidth, measured here as the best of a few
+sums over a 512 MiB buffer (far beyond the caches) on the same threads. Targets: Mamba's cache flat in the
+context; MoE-Mamba's decode at 16k >= 4x the Transformer-MoE's tokens/s; MoE-Mamba's batch-1 step
+within 1.5x of its floor.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megamoe.cli.study import width_matching  # noqa: E402
+from megamoe.config import config_from_dict  # noqa: E402
+from megamoe.inference.generation import _allocate, forward_cached  # noqa: E402
+from megamoe.model import KVCache, build_model, count_parameters  # noqa: E402
+
+
+def read_bandwidth(megabytes: int = 512, reps: int = 5) -> float:
+    """Bytes/s of summing a buffer far larger than the caches, the best of `reps`."""
+    buffer = torch.ones(megabytes * 2 ** 18)
+    buffer.sum()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.nbytes / best
+
+
+def build(section: dict, vocab: int):
+    cfg = config_from_dict({"model": dict(section, vocab_size=vocab)}).model
+    return build_model(cfg).eval(), count_parameters(cfg), cfg
+
+
+def filled_cache(model, batch: int, context: int, steps: int):
+    """A cache as if `context` tokens per sequence had been seen (random values of that size)."""
+    cache = _allocate(model, batch, context + steps)
+    for state in cache.states.values():
+        if isinstance(state, KVCache):
+            heads, head_dim = model.cfg.num_heads, model.cfg.d_model // model.cfg.num_heads
+            state.k, state.v = (torch.randn(batch, heads, context + steps, head_dim) for _ in range(2))
+            state.lengths = [context] * batch
+        else:
+            for t in state:
+                t.normal_(0, 0.1)
+    cache.lengths = [context] * batch
+    return cache
+
+
+def decode_step_time(model, batch: int, context: int, steps: int) -> tuple:
+    """(median seconds per step, cache bytes per sequence after the steps)."""
+    cache = filled_cache(model, batch, context, steps + 2)
+    token = torch.randint(0, model.cfg.vocab_size, (batch, 1))
+    times = []
+    for i in range(steps + 2):
+        start = time.perf_counter()
+        token = forward_cached(model, token, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        if i >= 2:  # two warm-up steps
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), cache.nbytes() // batch
+
+
+def step_bytes(model, counts: dict, cache_bytes: int) -> int:
+    """What a batch-1 step reads: the active weights (the LM head whole) and the cache."""
+    size = model.embedding.weight.element_size()
+    weights = counts["active"] - counts["embedding"] + model.lm_head.weight.numel() + model.cfg.d_model  # one row
+    return weights * size + cache_bytes
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--blocks", type=int, default=4, help="ME (or AE) pairs")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per row")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="contexts 1k and 4k, 8 steps")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.contexts, args.steps = [1024, 4096], 8
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    bandwidth = read_bandwidth()
+    mamba = dict(d_model=args.d_model, num_experts=args.experts, pattern="ME" * args.blocks)
+    active = build(mamba, 128)[1]["active_non_embedding"]
+    transformer = width_matching(dict(mamba, pattern="AE" * args.blocks), "d_expert", active)
+    models = {"MoE-Mamba": build(mamba, args.vocab), "Transformer-MoE": build(transformer, args.vocab)}
+
+    print(f"d_model {args.d_model}, {2 * args.blocks} blocks, {args.experts} experts, vocab {args.vocab}, fp32, "
+          f"{args.threads} threads; median of {args.steps} greedy steps; memory read bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s")
+    for name, (_, counts, cfg) in models.items():
+        print(f"{name}: pattern {cfg.pattern}, d_expert {cfg.resolved_d_expert}, {counts['total'] / 1e6:.2f}M "
+              f"parameters, {counts['active_non_embedding'] / 1e6:.2f}M active without embeddings")
+    print("| model | context | batch | step ms | tokens/s | cache MiB / sequence | floor ms | step / floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    speed, cache_size, over_floor = {}, {}, None
+    for name, (model, counts, _) in models.items():
+        for context in args.contexts:
+            for batch in args.batches:
+                seconds, cache_bytes = decode_step_time(model, batch, context, args.steps)
+                speed[name, context, batch] = batch / seconds
+                cache_size[name, context] = cache_bytes
+                floor = "-"
+                ratio = "-"
+                if batch == 1:
+                    floor_s = step_bytes(model, counts, cache_bytes) / bandwidth
+                    floor, ratio = f"{1e3 * floor_s:.2f}", f"{seconds / floor_s:.2f}x"
+                    if name == "MoE-Mamba" and context == args.contexts[0]:
+                        over_floor = seconds / floor_s
+                print(f"| {name} | {context} | {batch} | {1e3 * seconds:.2f} | {batch / seconds:,.0f} | "
+                      f"{cache_bytes / 2 ** 20:.2f} | {floor} | {ratio} |")
+    longest = args.contexts[-1]
+    flat = cache_size["MoE-Mamba", longest] / cache_size["MoE-Mamba", args.contexts[0]]
+    ratios = ", ".join(f"batch {b} {speed['MoE-Mamba', longest, b] / speed['Transformer-MoE', longest, b]:.2f}x"
+                       for b in args.batches)
+    print(f"MoE-Mamba cache at {longest} / at {args.contexts[0]}: {flat:.2f}x (target 1.00x, flat); "
+          f"decode tokens/s at {longest}, MoE-Mamba / Transformer-MoE: {ratios} (target >= 4x); "
+          f"MoE-Mamba batch-1 step / floor: {over_floor:.2f}x (target <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()

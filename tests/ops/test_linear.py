@@ -1,0 +1,56 @@
+"""The decode products (megamoe.ops.linear) equal torch's: oneDNN's linear and the row-blocked (in, out) product
+on CPU inference, F.linear and x @ W under autograd."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megamoe.ops import linear as ops_linear
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # matmul_in_out blocks the rows by threads
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_decode_products_equal_torchs(two_threads, dtype, tol, rows):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 512, generator=gen).to(dtype)
+    weight = (torch.randn(1024, 512, generator=gen) / 512 ** 0.5).to(dtype)  # above oneDNN's size threshold
+    bias = torch.randn(1024, generator=gen).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(ops_linear.linear(x, weight, bias), F.linear(x, weight, bias), rtol=tol, atol=tol)
+        torch.testing.assert_close(ops_linear.linear(x[:, None], weight), F.linear(x[:, None], weight), rtol=tol,
+                                   atol=tol)
+        w_in_out = weight.t().contiguous()
+        torch.testing.assert_close(ops_linear.matmul_in_out(x, w_in_out), x @ w_in_out, rtol=tol, atol=tol)
+        torch.testing.assert_close(ops_linear.linear(x, w_in_out.t()), x @ w_in_out, rtol=tol, atol=tol)
+
+
+def test_autograd_takes_torchs_path():
+    x = torch.randn(2, 512, requires_grad=True)
+    weight = torch.randn(1024, 512, requires_grad=True)
+    ops_linear.linear(x, weight).sum().backward()
+    ops_linear.matmul_in_out(x, weight.t()).sum().backward()
+    assert x.grad is not None and weight.grad is not None
+
+
+def test_module_linear_calls_other_modules_as_they_are():
+    class Doubler(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    class Stepper(torch.nn.Module):
+        def step(self, x):
+            return 3 * x
+
+    x = torch.ones(1, 4)
+    lin = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        assert torch.allclose(ops_linear.module_linear(lin, x), lin(x))
+    assert torch.equal(ops_linear.module_linear(Doubler(), x), 2 * x)
+    assert torch.equal(ops_linear.module_linear(Stepper(), x), 3 * x)
