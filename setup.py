@@ -1,9 +1,7 @@
 """megamoe: distributed pretraining of MoE-Mamba language models (Mamba-1 + Switch MoE)."""
 from setuptools import find_packages, setup
 
-# The Triton kernels live in the top-level kernels/ folder but install as `megamoe.kernels`,
-# so they never shadow the unrelated `kernels` package on PyPI.
-packages = find_packages(include=["megamoe", "megamoe.*"]) + ["megamoe.kernels"]
+packages = find_packages(include=["megamoe", "megamoe.*"])
 
 setup(
     name="megamoe",
@@ -13,7 +11,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"megamoe.kernels": "kernels"},
     # The Hugging Face remote code copied into `--format hf` exports (not imported by megamoe itself)
     package_data={"megamoe": ["configs/*.yaml", "checkpoint/hf_modeling/*.py"]},
     install_requires=[

@@ -11,7 +11,9 @@ Mamba >= 3x HF's tokens/s; MoE-Mamba step time <= 1.3x the same-active Mamba's.
 MFU: model FLOPs per step (megamoe.training.metrics.flops_per_token: every matmul, attention, the scan, the LM
 head; HF's Mamba is the same model, so its FLOPs are the Mamba row's) over the step time, against the fp32 GEMM
 peak of this machine measured in the same run (a square matmul, the best of several). Target >= 30% for the Mamba
-and MoE-Mamba rows. `--profile` adds the Mamba step's operators by self CPU time.
+and MoE-Mamba rows. Where oneDNN has native bf16 (AVX512-BF16 or AMX), the bf16 GEMM peak is measured too, and a
+row runs the Mamba step under --bf16 autocast against it; without native bf16 the header says so and the row is
+left out. `--profile` adds the Mamba step's operators by self CPU time.
 """
 from __future__ import annotations
 
@@ -36,9 +38,9 @@ def _time_steps(step, steps: int) -> float:
     return statistics.median(times)
 
 
-def gemm_peak(threads: int, n: int = 1024, reps: int = 7) -> float:
-    """FLOP/s of an n x n x n fp32 matmul on `threads` threads, the best of `reps`: the machine's own ceiling."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def gemm_peak(threads: int, n: int = 1024, reps: int = 7, dtype=torch.float32) -> float:
+    """FLOP/s of an n x n x n matmul on `threads` threads, the best of `reps`: the machine's own ceiling."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(reps))
     return 2 * n ** 3 / best
@@ -74,7 +76,12 @@ def hf_step(args):
     return step, sum(p.numel() for p in model.parameters())
 
 
-def megamoe_step(args, pattern: str):
+def native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (else it emulates them, slower than fp32)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def megamoe_step(args, pattern: str, bf16: bool = False):
     from megamoe.config import config_from_dict
     from megamoe.model import count_parameters
     from megamoe.parallel import destroy_distributed, init_distributed
@@ -86,7 +93,8 @@ def megamoe_step(args, pattern: str):
     cfg = config_from_dict({"model": {"pattern": pattern, "d_model": args.d_model, "d_state": 16,
                                       "vocab_size": args.vocab, "num_experts": 8},
                             "data": {"mock": True, "seq_length": args.seq},
-                            "training": {"micro_batch_size": args.batch, "global_batch_size": args.batch}})
+                            "training": {"micro_batch_size": args.batch, "global_batch_size": args.batch,
+                                         "bf16": bf16}})
     destroy_distributed()
     topo = init_distributed(cfg.parallel)
     model = build_parallel_model(cfg, topo)
@@ -118,6 +126,7 @@ def main(argv=None):
     torch.manual_seed(0)
     tokens = args.batch * args.seq
     peak = gemm_peak(args.threads)
+    bf16_peak = gemm_peak(args.threads, dtype=torch.bfloat16) if native_bf16() else None
     step, total = hf_step(args)
     hf_time = _time_steps(step, args.steps)
     mamba, counts, mamba_flops = megamoe_step(args, "M" * args.layers)
@@ -129,19 +138,27 @@ def main(argv=None):
     moe_time = _time_steps(step, args.steps)
     rows.append((f"megamoe MoE-Mamba ({'ME' * (args.layers // 2)}, 8 experts)", counts["total"], counts["active"],
                  moe_time, flops))
+    if bf16_peak:
+        step, counts, flops = megamoe_step(args, "M" * args.layers, bf16=True)
+        rows.append(("megamoe Mamba, --bf16 (vs the bf16 peak)", counts["total"], counts["active"],
+                     _time_steps(step, args.steps), flops))
+    bf16_note = (f"bf16 GEMM peak {bf16_peak / 1e9:.0f} GFLOP/s ({bf16_peak / peak:.2f}x fp32)" if bf16_peak
+                 else "no native bf16 on this CPU (oneDNN would emulate it, slower than fp32): no bf16 row")
     print(f"d_model {args.d_model}, d_state 16, vocab {args.vocab}, batch {args.batch} x {args.seq}, fp32, "
-          f"{args.threads} threads; median of {args.steps} steps; fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s")
+          f"{args.threads} threads; median of {args.steps} steps; fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s; "
+          f"{bf16_note}")
     print(f"{'model':<44}{'total M':>9}{'active M':>10}{'step s':>9}{'tokens/s':>10}{'vs HF':>8}{'GFLOP/s':>9}"
           f"{'MFU':>7}")
     mfu = {}
     for name, total, active, t, per_token in rows:
         achieved = tokens * per_token / t
-        mfu[name] = achieved / peak
+        mfu[name] = achieved / (bf16_peak if "--bf16" in name else peak)
         print(f"{name:<44}{total / 1e6:9.2f}{active / 1e6:10.2f}{t:9.3f}{tokens / t:10.0f}{hf_time / t:7.2f}x"
               f"{achieved / 1e9:9.1f}{100 * mfu[name]:6.1f}%")
     print(f"megamoe Mamba vs HF tokens/s: {hf_time / mamba_time:.2f}x (target >= 3x); "
           f"MoE-Mamba step / same-active Mamba step: {moe_time / mamba_time:.2f} (target <= 1.3); "
-          f"MFU Mamba {100 * mfu[rows[1][0]]:.1f}%, MoE-Mamba {100 * mfu[rows[2][0]]:.1f}% (target >= 30%)")
+          f"MFU Mamba {100 * mfu[rows[1][0]]:.1f}%, MoE-Mamba {100 * mfu[rows[2][0]]:.1f}% (target >= 30%)"
+          + (f"; bf16 Mamba {100 * mfu[rows[3][0]]:.1f}% of the bf16 peak" if bf16_peak else ""))
     if table:
         print(table)
 

@@ -69,7 +69,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch
 triton.__version__, torch.cuda.get_device_name())" | tee "$out/versions.txt"
 python -c "import megatron.core as m; print('megatron-core', m.__version__, 'from', m.__file__)" 2>&1 \
     | tail -n 1 | tee -a "$out/versions.txt"
-# megamoe.kernels is the kernels/ folder, mapped by setup.py: install in place when it is not (no network needed).
+# Install megamoe in place when it is not importable (no network needed).
 if ! python -c "import megamoe.kernels" 2>/dev/null; then
     pip install -q --no-deps --no-build-isolation -e . >"$out/install.txt" 2>&1
 fi

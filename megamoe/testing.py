@@ -2,7 +2,6 @@
 
     results = run_on_ranks(fn, world_size=2, args=(...), timeout=120)
     full = full_tensors({name: param}, topo, grads=False)     the global tensors, on every rank
-    logits = gather_from_tp(local_logits, topo.tp_group)      the last dimension gathered over TP
 
 `fn(*args)` runs in N fresh processes (forked from a forkserver, a clean process that has imported torch,
 megatron-core and megamoe once, so nothing of the parent's thread pools or CUDA state is inherited and no rank
@@ -142,27 +141,3 @@ def full_tensors(named: dict, topo, grads: bool = False) -> dict:
             dist.all_reduce(count)
         out[name] = (total / count.clamp(min=1)).float().cpu()
     return out
-
-
-class _GatherLastDim(torch.autograd.Function):
-    # megatron-core's gather_from_tensor_model_parallel_region allocates on torch.cuda.current_device(),
-    # so this device-agnostic one is ours: all-gather forward, keep this rank's slice backward.
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        world = dist.get_world_size(group)
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
-        return grad.chunk(world, dim=-1)[rank].contiguous(), None
-
-
-def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    """All-gather of the last dimension over `group` forward, this rank's slice backward."""
-    if dist.get_world_size(group) == 1:
-        return x
-    return _GatherLastDim.apply(x, group)

@@ -27,15 +27,13 @@ OPTIONAL = ("apex", "transformer_engine", "mpi4py", "torch.utils.tensorboard", "
 def _module_name(path: Path) -> str:
     rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
-    if parts[0] == "kernels":  # installed as megamoe.kernels (setup.py)
-        parts = ["megamoe"] + parts
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
 
 
 def _sources() -> dict:
-    files = list((ROOT / "megamoe").rglob("*.py")) + list((ROOT / "kernels").rglob("*.py"))
+    files = list((ROOT / "megamoe").rglob("*.py"))
     return {_module_name(p): ast.parse(p.read_text(), str(p)) for p in files}
 
 

@@ -1,11 +1,14 @@
 """The completion server over HTTP on localhost (urllib): a completion is generate()'s greedy output, several
 prompts per request, concurrent requests from threads get what they get alone, streamed chunks join to the same
-text, malformed requests get 4xx JSON errors; tools/serve.py starts it from a checkpoint."""
+text, malformed requests get 4xx JSON errors, a client that leaves cancels its completion; tools/serve.py starts it
+from a checkpoint."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -177,3 +180,32 @@ def test_serve_cli(served, tmp_path):
     run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "serve.py"), "--load", str(tmp_path / "no")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.startswith("serve: error: --load:") and "does not exist" in run.stderr
+
+
+def test_a_client_that_disconnects_cancels_its_completion(served):
+    """A non-streaming client that goes away while its completion decodes: the request is cancelled at once (its
+    slot freed for the next request), not decoded to max_tokens for nobody."""
+    _, model, tok, _ = served
+    engine = Engine(model, slots=1, eod=None, vocab_size=tok.vocab_size, decode=tok.decode)
+    step, submitted = engine.step, []
+    engine.step = lambda: (time.sleep(0.02), step())  # slow enough to disconnect mid-completion
+    submit = engine.submit
+    engine.submit = lambda request: submitted.append(request) or submit(request)
+    server = CompletionServer(engine, tok, "tiny", port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host, port = server.server_address[:2]
+        body = json.dumps({"prompt": "x", "max_tokens": 500, "temperature": 0}).encode()
+        client = socket.create_connection((host, port), timeout=30)
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while not (submitted and submitted[0].tokens) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        client.close()
+        assert submitted[0].wait(10), "the request still decodes after its client left"
+        assert submitted[0].finish_reason == "cancelled" and 0 < len(submitted[0].tokens) < 500
+        status, out = post(server.url, {"prompt": "x", "max_tokens": 3, "temperature": 0})  # the slot is free
+        assert status == 200 and out["choices"][0]["text"] == alone(model, tok, "x", 3, temperature=0)[1]
+    finally:
+        server.close()

@@ -3,9 +3,13 @@
     python tools/generate.py --load ckpt/run1 --prompt "import os" --max-new-tokens 64 --temperature 0.8 --top-p 0.95
 
 Runs in one process with no process group, on CPU by default; the checkpoint may have been saved in any
-TP/PP/EP/DP layout. The tokenizer is the one named in the checkpoint's config unless --tokenizer-model is
-given. The continuation is printed on stdout (status lines go to stderr); --num-samples N continues the prompt
-N times in one batch; --json prints one JSON object instead. An empty prompt starts a new document (EOD).
+TP/PP/EP/DP layout. A model larger than one device runs tensor-parallel over N processes, rank 0 printing:
+
+    torchrun --nproc-per-node 2 tools/generate.py --load ckpt/run1 --tensor-model-parallel-size 2 --device cuda
+
+The tokenizer is the one named in the checkpoint's config unless --tokenizer-model is given. The continuation is
+printed on stdout (status lines go to stderr); --num-samples N continues the prompt N times in one batch; --json
+prints one JSON object instead. An empty prompt starts a new document (EOD).
 """
 import argparse
 import json
@@ -25,6 +29,7 @@ from megamoe.inference import (  # noqa: E402
     generate,
     load_for_inference,
 )
+from megamoe.parallel import destroy_distributed  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,12 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, in one batch")
     parser.add_argument("--no-stop-at-eod", action="store_true", help="keep going past the end-of-document token")
     add_loading_arguments(parser)
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1, dest="tensor_parallel",
+                        help="split each layer over this many processes, for a model larger than one device "
+                             "(launch them with torchrun --nproc-per-node N)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the samples and timings")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    first = int(os.environ.get("RANK", "0")) == 0  # the rank that prints (every rank of a TP launch runs this)
     try:
         if args.num_samples < 1:
             raise InferenceError(f"--num-samples {args.num_samples} must be >= 1")
@@ -62,22 +71,29 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         tokenizer = checkpoint_tokenizer(load_config(args.load), args.tokenizer_model,
                                          tokenizer_type=args.tokenizer_type)  # before the model
-        model, _ = load_for_inference(args.load, args.device)
+        model, _ = load_for_inference(args.load, args.device, args.tensor_parallel)
         ids = tokenizer.encode(text) or [tokenizer.eod]
         loaded = time.perf_counter()
         seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-        print(f"loaded {args.load} in {loaded - start:.1f} s; prompt of {len(ids)} tokens; seed {seed}",
-              file=sys.stderr)
+        if first:
+            print(f"loaded {args.load} in {loaded - start:.1f} s; prompt of {len(ids)} tokens; seed {seed}",
+                  file=sys.stderr)
         rows = generate(model, [ids] * args.num_samples, args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, eod=None if args.no_stop_at_eod else tokenizer.eod,
                         seed=seed, vocab_size=tokenizer.vocab_size)
     except UserError as e:
-        print(f"generate: error: {e}", file=sys.stderr)
+        if first:
+            print(f"generate: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if args.tensor_parallel != 1:
+            destroy_distributed()
     seconds = time.perf_counter() - loaded
     texts = [tokenizer.decode([t for t in row if t != tokenizer.eod]) for row in rows]
     new_tokens = sum(len(row) for row in rows)
     rate = new_tokens / max(seconds, 1e-9)
+    if not first:
+        return 0
     if args.json:
         print(json.dumps(dict(prompt=text, samples=texts, tokens=rows, seed=seed, new_tokens=new_tokens,
                               seconds=seconds, tokens_per_s=rate)))

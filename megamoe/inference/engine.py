@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from megamoe.errors import InferenceError
-from megamoe.inference.generation import allocate_cache, check_model, forward_cached, prefill, sample
+from megamoe.inference.generation import allocate_cache, check_model, forward_cached, prefill, sample, tp_group
 
 
 @dataclass
@@ -89,6 +89,9 @@ class Engine:
     def __init__(self, model, slots: int = 8, eod: Optional[int] = None, vocab_size: Optional[int] = None,
                  decode: Optional[Callable] = None, max_length: Optional[int] = None):
         check_model(model)
+        if tp_group(model) is not None:
+            raise InferenceError("the engine (tools/serve.py) runs the model in one process; a tensor-parallel "
+                                 "model decodes with generate (tools/generate.py --tensor-model-parallel-size)")
         if slots < 1:
             raise InferenceError(f"slots={slots} must be >= 1")
         self.model, self.eod, self.vocab_size, self.decode = model, eod, vocab_size, decode

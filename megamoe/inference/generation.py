@@ -1,10 +1,16 @@
-"""Recurrent text generation with a single-process MambaLM (TP = PP = 1), constant memory per Mamba sequence.
+"""Recurrent text generation with a whole MambaLM (PP = 1; in one process or TP-sharded), constant memory per Mamba
+sequence.
 
     cache  = allocate_cache(model, batch)
     logits = forward_cached(model, tokens, cache)     first call: the prompt at once; later: token by token
     ids    = generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, eod, seed)
 
-The model comes from megamoe.inference.loading.load_for_inference (a checkpoint of any layout, in one process).
+The model comes from megamoe.inference.loading.load_for_inference (a checkpoint of any layout, in one process, or
+with tensor_parallel=N over the N processes of a torchrun launch).
+
+Tensor parallelism (a model larger than one device): every TP rank runs the same calls on its shards of each
+layer (the TP layers reduce as in training), the vocabulary-sharded logits are gathered after the head, and the
+sampled tokens are broadcast from TP rank 0, so every rank holds the same tokens and ends at the same step.
 
 What each block keeps between tokens:
     M   MambaMixer.prefill leaves the prompt's last (conv_state, ssm_state); MambaMixer.step advances them one
@@ -34,11 +40,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from megamoe.config import block_kinds
 from megamoe.errors import InferenceError
 from megamoe.model import KVCache, LocalDispatcher, MambaLM, moe_capacity
+from megamoe.model.lm import count_tokens  # context parallelism counts over its group instead
 from megamoe.ops.linear import module_linear
+from megamoe.parallel.tensor_parallel import gather_from_tp
 
 
 @dataclass
@@ -87,21 +96,38 @@ class InferenceCache:
             self.lengths[row] = 0
 
 
+def tp_group(model):
+    """The process group the model's layers are tensor-parallel over, or None for an unsharded model."""
+    group = getattr(model.lm_head, "tp_group", None)
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return None
+    return group
+
+
 def check_model(model) -> None:
-    """InferenceError unless `model` is a whole single-process MambaLM (no pipeline stage, TP or EP shards)."""
+    """InferenceError unless `model` is a whole MambaLM: unsharded, or sharded by tensor parallelism alone (no
+    pipeline stage, expert-parallel, sequence-parallel or context-parallel shards)."""
     if not isinstance(model, MambaLM):
         raise InferenceError(f"generation runs a megamoe MambaLM, not a {type(model).__name__}")
     kinds = block_kinds(model.cfg)
     if not (model.pre_process and model.post_process) or len(model.layers) != len(kinds):
-        raise InferenceError("the model is one pipeline stage; generation needs the whole model in one process "
+        raise InferenceError("the model is one pipeline stage; generation needs every layer in each process "
                              "(load the checkpoint with load_for_inference, which builds it with PP 1)")
-    expert_parallel = any(not isinstance(m.dispatcher, LocalDispatcher) for m in model.moe_layers())
-    tensor_parallel = any(b.mixer.conv1d.weight.shape[0] != b.mixer.d_inner
-                          for b in model.layers.values() if hasattr(b, "mixer"))
+    group = tp_group(model)
+    tp = dist.get_world_size(group) if group is not None else 1
+    # A TP-split MoE's dispatcher wraps the local one (TPSplitDispatcher.inner); EP exchanges tokens instead.
+    expert_parallel = any(not isinstance(getattr(m.dispatcher, "inner", m.dispatcher), LocalDispatcher)
+                          for m in model.moe_layers())
+    split = any(b.mixer.conv1d.weight.shape[0] * tp != b.mixer.d_inner
+                for b in model.layers.values() if hasattr(b, "mixer"))
     head = getattr(model.lm_head, "weight", None)
-    if expert_parallel or tensor_parallel or head is None or head.shape[0] != model.cfg.vocab_size:
-        raise InferenceError("the model is sharded by tensor or expert parallelism; generation runs an unsharded "
-                             "model in one process (load the checkpoint with load_for_inference)")
+    if expert_parallel or split or head is None or head.shape[0] * tp != model.cfg.vocab_size:
+        raise InferenceError("the model is sharded by expert parallelism (or unevenly); generation runs it whole "
+                             "or tensor-parallel (load the checkpoint with load_for_inference)")
+    sequence_parallel = any(getattr(p, "sequence_parallel", False) for p in model.norm_f.parameters())
+    if sequence_parallel or model.count_tokens is not count_tokens:
+        raise InferenceError("the model is built for sequence or context parallelism, which split the sequence; "
+                             "decoding takes one token at a time (load it with load_for_inference)")
 
 
 def allocate_cache(model, batch: int, max_length: Optional[int] = None) -> InferenceCache:
@@ -139,7 +165,9 @@ def forward_cached(model, tokens: torch.Tensor, cache: InferenceCache, last_only
             h = block.forward_cached(h, cache.states.get(name), empty)
     cache.lengths = [n + tokens.shape[1] for n in cache.lengths]
     h = h[:, -1:] if last_only else h
-    return model.head(h) if empty else module_linear(model.lm_head, model.norm_f(h))
+    logits = model.head(h) if empty else module_linear(model.lm_head, model.norm_f(h))
+    group = tp_group(model)
+    return logits if group is None else gather_from_tp(logits, group)  # the vocabulary's shards, in order
 
 
 @torch.no_grad()
@@ -224,6 +252,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
     prompts, single = _prompt_list(prompt_ids)
     batch = len(prompts)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    group = tp_group(model)
     cache = _allocate(model, batch, max(map(len, prompts)) + max_new_tokens)
     new, done = [], torch.zeros(batch, dtype=torch.bool, device=device)
     logits = prefill(model, cache, list(range(batch)), prompts) if max_new_tokens else None
@@ -231,6 +260,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
         if vocab_size is not None:
             logits[:, vocab_size:] = float("-inf")
         token = sample(logits, temperature, top_k, top_p, generator)
+        if group is not None:  # every TP rank continues with rank 0's draw
+            dist.broadcast(token, dist.get_global_rank(group, 0), group=group)
         if eod is not None:
             token = torch.where(done, torch.full_like(token, eod), token)
             done |= token == eod

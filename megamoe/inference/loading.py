@@ -1,12 +1,14 @@
 """Loading a checkpoint for use, in one process: the home that generation, evaluation and their tools share.
 
     model, cfg = load_for_inference(checkpoint, device)   any saved TP/PP/EP/DP layout, into one CPU or GPU process
+    model, cfg = load_for_inference(checkpoint, device, tensor_parallel=N)   this rank's TP shard (torchrun, N ranks)
     tokenizer  = checkpoint_tokenizer(cfg)                the tokenizer the checkpoint's config names, or the one given
     cfg        = checkpoint.load_config(path)             the config alone (megamoe.checkpoint)
     add_loading_arguments(parser)                         the tools' --tokenizer-model/-type, --device, --threads
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -17,6 +19,8 @@ from megamoe.config import TOKENIZER_TYPES
 from megamoe.data import load_tokenizer
 from megamoe.errors import DataError, InferenceError
 from megamoe.model import build_model, count_parameters
+from megamoe.parallel import init_distributed
+from megamoe.parallel.parallelize import build_parallel_model
 
 
 def add_loading_arguments(parser) -> None:
@@ -67,10 +71,12 @@ def checkpoint_tokenizer(cfg, tokenizer_model: Optional[str] = None, required: b
     return tokenizer
 
 
-def load_for_inference(path: str, device: Optional[str] = None):
+def load_for_inference(path: str, device: Optional[str] = None, tensor_parallel: int = 1):
     """(model in eval mode on `device`, its Config) from checkpoint `path` (a checkpoint folder, or a --save
-    folder's latest), whatever TP/PP/EP/DP layout it was saved in. CheckpointError for a missing or damaged
-    checkpoint; InferenceError when the model cannot run here (no such device, not enough memory)."""
+    folder's latest), whatever TP/PP/EP/DP layout it was saved in. tensor_parallel N > 1: this rank's shard of a
+    TP-N model (every rank of an N-process torchrun launch calls it; the first call starts torch.distributed).
+    CheckpointError for a missing or damaged checkpoint; InferenceError when the model cannot run here (no such
+    device, not enough memory, a launch of the wrong size); ConfigError when the model cannot split N ways."""
     path = checkpoint.resolve(path)
     cfg = checkpoint.load_config(path)
     device = torch.device(device or "cpu")
@@ -79,11 +85,35 @@ def load_for_inference(path: str, device: Optional[str] = None):
     if device.type not in ("cpu", "cuda"):
         raise InferenceError(f"--device {device}: use cpu or cuda")
     need = count_parameters(cfg.model)["total"] * 4  # fp32 weights, as the checkpoint holds them
+    need //= tensor_parallel if device.type == "cuda" else 1  # the CPU ranks of a launch share one machine's RAM
     have = available_bytes(device)
     if have is not None and need > have:
         raise InferenceError(f"{path}: the model's {need / 4e6:.0f}M parameters need {need / 2**30:.1f} GiB in "
                              f"fp32, more than the {have / 2**30:.1f} GiB of {device.type} memory available here; "
-                             "run it on a machine with more memory")
+                             "run it on a machine with more memory" + (" or split it with --tensor-model-parallel-size"
+                                                                       if device.type == "cuda" else ""))
+    if tensor_parallel != 1:
+        return _load_tensor_parallel(path, cfg, device, tensor_parallel), cfg
     model = build_model(cfg.model, seed=cfg.training.seed)  # every weight is then read from the checkpoint
     checkpoint.load(path, model, None, cfg, None)  # model only: the training run's generators stay saved
     return model.to(device).eval(), cfg
+
+
+def _load_tensor_parallel(path: str, cfg, device: torch.device, tp: int):
+    """This rank's TP shard of the checkpoint's model, in a TP-only layout of every rank of the launch."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp < 1 or world != tp:
+        raise InferenceError(f"--tensor-model-parallel-size {tp} needs {max(tp, 1)} processes, one per shard "
+                             f"(torchrun --nproc-per-node {max(tp, 1)}); this launch has {world}")
+    parallel = dataclasses.replace(
+        cfg.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, context_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1, expert_tensor_parallel_size=None,
+        sequence_parallel=False, backend="gloo" if device.type == "cpu" else "nccl")
+    parallel.validate(world, cfg.model)
+    # The layers of one process: megatron-core's TP linears, not Transformer Engine's (no FP8 in decoding).
+    training = dataclasses.replace(cfg.training, transformer_engine="off", fp8=None)
+    cfg = dataclasses.replace(cfg, parallel=parallel, training=training)
+    topo = init_distributed(parallel)
+    model = build_parallel_model(cfg, topo)  # every weight is then read from the checkpoint
+    checkpoint.load(path, model, None, cfg, topo)
+    return model.eval()

@@ -5,6 +5,7 @@
 
 One engine thread decodes every request; each HTTP connection gets a handler thread that checks the body, submits
 one engine Request per prompt and waits for them (streaming: sends each new piece of text as a server-sent event).
+A client that disconnects cancels its requests, streaming or not, so their slots go to the next ones.
 Concurrent HTTP requests thus decode together in the engine's slots, and each prompt gets what it gets alone.
 
 The HTTP layer is the standard library's ThreadingHTTPServer: the handlers only parse JSON and wait on the engine
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import json
 import queue
+import select
+import socket
 import threading
 import time
 import uuid
@@ -31,6 +34,7 @@ from megamoe.inference.engine import Engine, Request
 # accepted for compatibility when they ask for nothing beyond what the server does: field -> allowed values
 NO_OPS = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None,), "presence_penalty": (0, 0.0),
           "frequency_penalty": (0, 0.0), "suffix": (None,), "user": None, "stream_options": None}
+POLL_SECONDS = 0.1  # how often a handler waiting for a completion checks that its client is still there
 
 
 class RequestError(Exception):
@@ -191,7 +195,11 @@ class CompletionHandler(BaseHTTPRequestHandler):
         if stream:
             return self._stream(requests, events, meta)
         for request in requests:
-            request.wait()
+            while not request.wait(POLL_SECONDS):
+                if self._client_gone():  # nobody will read the answer: free the engine's slots for others
+                    for r in requests:
+                        r.cancel()
+                    return
         failed = [r for r in requests if r.finish_reason in ("error", "cancelled")]
         if failed:
             status, message = (500, failed[0].error) if failed[0].error else (503, "the server is shutting down")
@@ -224,6 +232,14 @@ class CompletionHandler(BaseHTTPRequestHandler):
                     r.cancel()
                 raise RequestError(f"prompt: {e}", "prompt") from None
         return requests
+
+    def _client_gone(self) -> bool:
+        """True once the client has closed its end: the socket reads as ready with nothing in it (end of file)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):  # reset, or closed under us
+            return True
 
     def _stream(self, requests: list, events: queue.Queue, meta: dict) -> None:
         """Server-sent events: `data: {chunk}` with a choice's new text (its finish_reason in its last), then

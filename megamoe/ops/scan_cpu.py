@@ -124,16 +124,21 @@ class _SelectiveScanCore(torch.autograd.Function):
         deltau_c, y_c = u.new_empty(T, batch, d_inner), u.new_empty(T, batch, d_inner)
         B_c, C_c = u.new_empty(T, batch, d_state), u.new_empty(T, batch, d_state)
         dA = u.new_empty(T, batch, d_state, d_inner)
-        H = u.new_zeros(T + 1, batch, d_state, d_inner)  # H[0]: the state entering the chunk
+        # H[0]: the state entering the chunk; H[1:] are written whole by each chunk, so only H[0] is set here
+        H = u.new_empty(T + 1, batch, d_state, d_inner)
         if h0 is not None:
             H[0].copy_(h0.transpose(1, 2))
+        else:
+            H[0].zero_()
         dA_steps, H_steps = dA.unbind(0), H.unbind(0)
-        states = u.new_empty(n_chunks, batch, d_state, d_inner)
+        # the chunk-boundary states backward restarts from; inference keeps none
+        states = u.new_empty(n_chunks, batch, d_state, d_inner) if save_for_backward else None
         y = u.new_empty(batch, d_inner, length)
         for k in range(n_chunks):
             s, e = k * T, min(length, (k + 1) * T)
             n, o = e - s, (s if save_for_backward else 0)
-            states[k].copy_(H[0])
+            if save_for_backward:
+                states[k].copy_(H[0])
             dl = chunker.load(delta, s, e, delta_tm[o:o + n])
             dlu = torch.mul(dl, chunker.load(u, s, e, u_tm[o:o + n]), out=deltau_c[:n])
             _chunk_states(dA, H, dA_steps, H_steps, dl, dlu, A2t, _small_time_major(B, s, e, B_c), resets.chunk(s, e))
@@ -269,8 +274,8 @@ def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
                                                        for x in (u_c, delta_c, A_c, B_c, C_c, h0))
     y, last_state = _SelectiveScanCore.apply(u_c, delta_c, A_c, B_c, C_c, chunk_size, backward_follows,
                                              _Resets(seq_idx), h0)
-    if D is not None:
-        y = y + u_c * D.to(compute)[None, :, None]
+    if D is not None:  # one fused op, no u * D temporary
+        y = torch.addcmul(y, u_c, D.to(compute)[None, :, None])
     if z is not None:
         y = y * F.silu(z.to(compute))
     y = y.to(dtype_in)

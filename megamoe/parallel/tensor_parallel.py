@@ -135,6 +135,30 @@ def reduce_from_tp(x: torch.Tensor, group=None) -> torch.Tensor:
     return out
 
 
+class _GatherLastDim(torch.autograd.Function):
+    # megatron-core's gather_from_tensor_model_parallel_region allocates on torch.cuda.current_device(),
+    # so this device-agnostic one is ours: all-gather forward, keep this rank's slice backward.
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        world = dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        return grad.chunk(world, dim=-1)[rank].contiguous(), None
+
+
+def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """All-gather of the last dimension over `group` forward, this rank's slice backward."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return _GatherLastDim.apply(x, group)
+
+
 # Sequence parallelism: outside the TP regions (norms, residual adds) each TP rank holds 1/TP of the sequence.
 # megatron-core's mappings for this assume sequence-first tensors and allocate on the current CUDA device;
 # megamoe's activations are (batch, L, d), so these device-agnostic ones work along dim 1.

@@ -7,7 +7,7 @@ from megamoe.model import build_model
 from megamoe.parallel import init_distributed, set_seed
 from megamoe.parallel.distributed_optimizer import ParamOwners
 from megamoe.parallel.parallelize import build_parallel_model
-from megamoe.testing import gather_from_tp
+from megamoe.parallel.tensor_parallel import gather_from_tp
 from megamoe.training import make_runner, train_step
 from megamoe.training.optimizer import build_optimizer
 from megamoe.training.schedule import lr_at
