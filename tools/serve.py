@@ -8,7 +8,10 @@ POST /v1/completions (prompt: a string or a list of them, max_tokens, temperatur
 seed) and GET /v1/models; see megamoe/inference/server.py. Concurrent requests decode together in up to
 --max-batch-size slots (continuous batching: a finished sequence's slot takes the next waiting prompt). Runs in
 one process on CPU by default; the checkpoint may have been saved in any TP/PP/EP/DP layout. --port 0 picks a
-free port; the address is printed on stderr once the server listens.
+free port; the address is printed on stderr once the server listens. A model larger than one device is served
+tensor-parallel, rank 0 listening and the other ranks following its engine:
+
+    torchrun --nproc-per-node 2 tools/serve.py --load ckpt/run1 --tensor-model-parallel-size 2 --device cuda
 """
 import argparse
 import os
@@ -21,7 +24,9 @@ import torch  # noqa: E402
 from megamoe import checkpoint  # noqa: E402
 from megamoe.errors import InferenceError, UserError  # noqa: E402
 from megamoe.inference import Engine, add_loading_arguments, checkpoint_tokenizer, load_for_inference  # noqa: E402
+from megamoe.inference.engine import follow  # noqa: E402
 from megamoe.inference.server import CompletionServer  # noqa: E402
+from megamoe.parallel import destroy_distributed  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,12 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=4096,
                         help="the most tokens (prompt + max_tokens) one completion may have")
     parser.add_argument("--model-name", help="the name clients use (default: the checkpoint folder's name)")
-    add_loading_arguments(parser)
+    add_loading_arguments(parser, tensor_parallel=True)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    first = int(os.environ.get("RANK", "0")) == 0  # the rank that serves (the others of a TP launch follow it)
+    engine = None
     try:
         for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-length", args.max_length)):
             if value < 1:
@@ -47,7 +54,10 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         tokenizer = checkpoint_tokenizer(checkpoint.load_config(args.load), args.tokenizer_model,
                                          tokenizer_type=args.tokenizer_type)  # before the model
-        model, _ = load_for_inference(args.load, args.device)
+        model, _ = load_for_inference(args.load, args.device, args.tensor_parallel)
+        if not first:
+            follow(model, args.max_batch_size)
+            return 0
         engine = Engine(model, slots=args.max_batch_size, eod=tokenizer.eod, vocab_size=tokenizer.vocab_size,
                         decode=tokenizer.decode, max_length=args.max_length)
         name = args.model_name or os.path.basename(os.path.normpath(args.load))
@@ -55,18 +65,25 @@ def main(argv=None) -> int:
             server = CompletionServer(engine, tokenizer, name, args.host, args.port)
         except OSError as e:
             raise InferenceError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port")
+        print(f"serving {name} on {server.url} ({args.max_batch_size} slots); Ctrl-C stops", file=sys.stderr,
+              flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+            engine.shutdown()
+            server.engine_thread.join(30)  # its last act releases the other TP ranks
     except UserError as e:
-        print(f"serve: error: {e}", file=sys.stderr)
+        if engine is not None:
+            engine.close()  # the other TP ranks wait in follow()
+        if first:
+            print(f"serve: error: {e}", file=sys.stderr)
         return 2
-    print(f"serving {name} on {server.url} ({args.max_batch_size} slots); Ctrl-C stops", file=sys.stderr,
-          flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
-        server.server_close()
-        engine.shutdown()
+        if args.tensor_parallel != 1:
+            destroy_distributed()
     return 0
 
 

@@ -11,6 +11,12 @@ slot starts exactly as a fresh one) and samples their first token from the promp
 for every busy slot in one batched call. Idle slots ride along in that call (their rows are emptied after it: a
 Mamba row zeroed, a KV row's length reset, its stale keys masked out). Each request samples with its own generator
 (seeded: reproducible draws of its own), so every request gets what it would get alone (generation.generate).
+
+Tensor parallelism (a model larger than one device): the engine runs on TP rank 0, and the other TP ranks run
+follow(model, slots). Before each model or cache call (a prefill, a decode step, a release of rows) the engine
+broadcasts it, and every follower makes the same call on its shards and its own cache, so each TP collective is
+met by every rank and the caches stay alike row for row; only rank 0 samples (its tokens go out with the next
+step). While idle the engine sends a keep-alive, so the followers' wait never reaches the collective timeout.
 """
 from __future__ import annotations
 
@@ -20,9 +26,69 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from megamoe.errors import InferenceError
 from megamoe.inference.generation import allocate_cache, check_model, forward_cached, prefill, sample, tp_group
+
+KEEPALIVE_SECONDS = 60.0  # an idle tensor-parallel engine tells its followers it is alive this often
+
+
+class _Calls:
+    """The engine's model and cache calls, broadcast first to the other TP ranks (their follow() makes them too)."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache, self.group = model, cache, tp_group(model)
+        self.closed = False
+
+    def _tell(self, *command) -> None:
+        if self.group is not None and not self.closed:
+            dist.broadcast_object_list([command], src=dist.get_global_rank(self.group, 0), group=self.group)
+
+    def prefill(self, rows: list, prompts: list) -> torch.Tensor:
+        self._tell("prefill", rows, prompts)
+        return prefill(self.model, self.cache, rows, prompts)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        self._tell("decode", tokens.tolist())
+        return forward_cached(self.model, tokens, self.cache, last_only=True)[:, -1]
+
+    def release(self, rows: list) -> None:
+        self._tell("release", rows)
+        self.cache.release(rows)
+
+    def keepalive(self) -> None:
+        self._tell("keepalive")
+
+    def close(self) -> None:
+        self._tell("stop")
+        self.closed = True
+
+    def follow(self) -> None:
+        src = dist.get_global_rank(self.group, 0)
+        device = self.model.embedding.weight.device
+        while True:
+            command = [None]
+            dist.broadcast_object_list(command, src=src, group=self.group)
+            kind, *args = command[0]
+            if kind == "stop":
+                return
+            if kind == "prefill":
+                prefill(self.model, self.cache, *args)
+            elif kind == "decode":
+                forward_cached(self.model, torch.tensor(args[0], device=device), self.cache, last_only=True)
+            elif kind == "release":
+                self.cache.release(args[0])
+
+
+def follow(model, slots: int) -> None:
+    """The side of a tensor-parallel Engine on TP ranks other than 0: make the model calls the engine broadcasts
+    (on a cache of the same `slots`), until it stops (Engine.close, or the end of serve_forever)."""
+    check_model(model)
+    if tp_group(model) is None or dist.get_rank(tp_group(model)) == 0:
+        raise InferenceError("follow() runs on the TP ranks other than 0 of a tensor-parallel model; rank 0 runs "
+                             "the Engine")
+    _Calls(model, allocate_cache(model, slots)).follow()
 
 
 @dataclass
@@ -89,15 +155,16 @@ class Engine:
     def __init__(self, model, slots: int = 8, eod: Optional[int] = None, vocab_size: Optional[int] = None,
                  decode: Optional[Callable] = None, max_length: Optional[int] = None):
         check_model(model)
-        if tp_group(model) is not None:
-            raise InferenceError("the engine (tools/serve.py) runs the model in one process; a tensor-parallel "
-                                 "model decodes with generate (tools/generate.py --tensor-model-parallel-size)")
+        if tp_group(model) is not None and dist.get_rank(tp_group(model)) != 0:
+            raise InferenceError("a tensor-parallel Engine runs on TP rank 0; the other TP ranks call "
+                                 "follow(model, slots)")
         if slots < 1:
             raise InferenceError(f"slots={slots} must be >= 1")
         self.model, self.eod, self.vocab_size, self.decode = model, eod, vocab_size, decode
         self.max_length = max_length
         self.device = model.embedding.weight.device
         self.cache = allocate_cache(model, slots)
+        self.calls = _Calls(model, self.cache)  # every model and cache call goes through it (TP: broadcast)
         self.slots: list = [None] * slots  # the Request each row decodes, None when free
         self.next_tokens = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self._waiting: deque = deque()
@@ -141,10 +208,10 @@ class Engine:
         busy = [row for row, request in enumerate(self.slots) if request is not None]
         if not busy:
             return
-        logits = forward_cached(self.model, self.next_tokens, self.cache, last_only=True)[:, -1]
+        logits = self.calls.decode(self.next_tokens)
         idle = [row for row, request in enumerate(self.slots) if request is None]
         if idle:
-            self.cache.release(idle)
+            self.calls.release(idle)
         self._emit(busy, logits[busy] if idle else logits)
 
     def _admit(self) -> None:
@@ -162,7 +229,7 @@ class Engine:
         rows = [row for row, _ in new]
         for row, request in new:
             self.slots[row] = request
-        self._emit(rows, prefill(self.model, self.cache, rows, [list(r.prompt) for _, r in new]))
+        self._emit(rows, self.calls.prefill(rows, [list(r.prompt) for _, r in new]))
 
     def _emit(self, rows: list, logits: torch.Tensor) -> None:
         """Sample each row's next token from its logits with its request's parameters, and record it."""
@@ -199,7 +266,7 @@ class Engine:
         request.finish_reason, request.error = reason, error
         if row is not None:
             self.slots[row] = None
-            self.cache.release([row])
+            self.calls.release([row])
         if request.on_update:
             request.on_update(request)
         request._done.set()
@@ -210,11 +277,13 @@ class Engine:
         while True:
             with self._lock:
                 while not self._stopping and not self.busy:
-                    self._lock.wait()
+                    if not self._lock.wait(KEEPALIVE_SECONDS if self.calls.group is not None else None):
+                        self.calls.keepalive()
                 if self._stopping:
                     for row, request in enumerate(self.slots):
                         if request is not None:
                             self._finish(row, request, "cancelled")
+                    self.close()
                     return
             try:
                 self.step()
@@ -223,7 +292,12 @@ class Engine:
                 for row, request in enumerate(self.slots):
                     if request is not None:
                         self._finish(row, request, "error", message)
-                self.cache.release(list(range(len(self.slots))))
+                self.calls.release(list(range(len(self.slots))))
+
+    def close(self) -> None:
+        """Release the followers of a tensor-parallel engine (their follow() returns); serve_forever does it when
+        it stops. Nothing to do in one process."""
+        self.calls.close()
 
     def shutdown(self) -> None:
         """Stop serve_forever after its current step; waiting and running requests are cancelled."""

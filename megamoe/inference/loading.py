@@ -5,6 +5,7 @@
     tokenizer  = checkpoint_tokenizer(cfg)                the tokenizer the checkpoint's config names, or the one given
     cfg        = checkpoint.load_config(path)             the config alone (megamoe.checkpoint)
     add_loading_arguments(parser)                         the tools' --tokenizer-model/-type, --device, --threads
+                                                          (and --tensor-model-parallel-size)
 """
 from __future__ import annotations
 
@@ -23,14 +24,19 @@ from megamoe.parallel import init_distributed
 from megamoe.parallel.parallelize import build_parallel_model
 
 
-def add_loading_arguments(parser) -> None:
-    """The flags every tool that loads a checkpoint for use shares (generate, evaluate, serve)."""
+def add_loading_arguments(parser, tensor_parallel: bool = False) -> None:
+    """The flags every tool that loads a checkpoint for use shares (generate, evaluate, serve); with
+    `tensor_parallel`, --tensor-model-parallel-size too (generate and serve)."""
     parser.add_argument("--tokenizer-model",
                         help="sentencepiece .model or Hugging Face tokenizer folder (default: the checkpoint's)")
     parser.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES),
                         help="as in training (default: the checkpoint's, or told by --tokenizer-model)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    if tensor_parallel:
+        parser.add_argument("--tensor-model-parallel-size", type=int, default=1, dest="tensor_parallel",
+                            help="split each layer over this many processes, for a model larger than one device "
+                                 "(launch them with torchrun --nproc-per-node N; rank 0 prints)")
 
 
 def available_bytes(device: torch.device) -> Optional[int]:
