@@ -4,6 +4,7 @@ of a step measured on this machine in the same run.
     python bench/bench_generate.py            # d_model 512, 8 blocks (ME x 4 / AE x 4), 8 experts, vocab 8000,
                                               # contexts 1k, 4k, 16k, batch 1 and 8, fp32, 2 threads
     python bench/bench_generate.py --quick    # contexts 1k and 4k
+    python bench/bench_generate.py --bf16     # bfloat16 weights (megamoe.inference.loading.to_bf16), as --bf16 decodes
 
 Each row: a cache holding `context` tokens per sequence, then greedy decode steps (megamoe.inference.generation's
 forward_cached, one token per sequence), the median step. The caches are filled with random values of the
@@ -15,7 +16,7 @@ Floor (batch 1): the bytes one step must read, the active weights (the dense one
 layer, the whole LM head) and the cache, over this machine's memory bandwidth, measured here as the best of a few
 sums over a 512 MiB buffer (far beyond the caches) on the same threads. Targets: Mamba's cache flat in the
 context; MoE-Mamba's decode at 16k >= 4x the Transformer-MoE's tokens/s; MoE-Mamba's batch-1 step
-within 1.5x of its floor.
+within 1.5x of its floor. With --bf16 the weights (and so the floor's bytes) are bfloat16.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megamoe.cli.study import width_matching  # noqa: E402
 from megamoe.config import config_from_dict  # noqa: E402
 from megamoe.inference.generation import _allocate, forward_cached  # noqa: E402
+from megamoe.inference.loading import to_bf16  # noqa: E402
 from megamoe.model import KVCache, build_model, count_parameters  # noqa: E402
 
 
@@ -47,9 +49,10 @@ def read_bandwidth(megabytes: int = 512, reps: int = 5) -> float:
     return buffer.nbytes / best
 
 
-def build(section: dict, vocab: int):
+def build(section: dict, vocab: int, bf16: bool = False):
     cfg = config_from_dict({"model": dict(section, vocab_size=vocab)}).model
-    return build_model(cfg).eval(), count_parameters(cfg), cfg
+    model = build_model(cfg).eval()
+    return (to_bf16(model) if bf16 else model), count_parameters(cfg), cfg
 
 
 def filled_cache(model, batch: int, context: int, steps: int):
@@ -58,7 +61,8 @@ def filled_cache(model, batch: int, context: int, steps: int):
     for state in cache.states.values():
         if isinstance(state, KVCache):
             heads, head_dim = model.cfg.num_heads, model.cfg.d_model // model.cfg.num_heads
-            state.k, state.v = (torch.randn(batch, heads, context + steps, head_dim) for _ in range(2))
+            state.k, state.v = (torch.randn(batch, heads, context + steps, head_dim, dtype=model.embedding.weight.dtype)
+                                for _ in range(2))
             state.lengths = [context] * batch
         else:
             for t in state:
@@ -98,6 +102,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps per row")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="contexts 1k and 4k, 8 steps")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 weights")
     args = parser.parse_args(argv)
     if args.quick:
         args.contexts, args.steps = [1024, 4096], 8
@@ -107,9 +112,11 @@ def main(argv=None):
     mamba = dict(d_model=args.d_model, num_experts=args.experts, pattern="ME" * args.blocks)
     active = build(mamba, 128)[1]["active_non_embedding"]
     transformer = width_matching(dict(mamba, pattern="AE" * args.blocks), "d_expert", active)
-    models = {"MoE-Mamba": build(mamba, args.vocab), "Transformer-MoE": build(transformer, args.vocab)}
+    models = {"MoE-Mamba": build(mamba, args.vocab, args.bf16),
+              "Transformer-MoE": build(transformer, args.vocab, args.bf16)}
 
-    print(f"d_model {args.d_model}, {2 * args.blocks} blocks, {args.experts} experts, vocab {args.vocab}, fp32, "
+    print(f"d_model {args.d_model}, {2 * args.blocks} blocks, {args.experts} experts, vocab {args.vocab}, "
+          f"{'bf16' if args.bf16 else 'fp32'}, "
           f"{args.threads} threads; median of {args.steps} greedy steps; memory read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s")
     for name, (_, counts, cfg) in models.items():

@@ -1,5 +1,7 @@
-"""Recurrent generation: step-by-step logits equal the full forward for every block kind, greedy decoding equals
-repeated full forwards, seeded sampling, constant memory, batch independence, errors, and tools/generate.py."""
+"""Recurrent generation: step-by-step logits equal the full forward for every block kind (and follow it in bf16),
+greedy decoding equals repeated full forwards, seeded sampling, constant memory, batch independence, errors, and
+tools/generate.py."""
+import copy
 import importlib.util
 import json
 import os
@@ -21,6 +23,7 @@ from megamoe.inference import (
     prefill,
     sample,
 )
+from megamoe.inference.loading import to_bf16
 from megamoe.model import build_model
 from megamoe.training import TrainState
 
@@ -93,6 +96,30 @@ def test_decoding_through_the_fast_products_equals_full_forward():
     parts = [forward_cached(model, ids[:, :4], cache)] + [forward_cached(model, ids[:, t:t + 1], cache)
                                                            for t in range(4, 9)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_bf16_decoding_follows_the_bf16_forward(name):
+    """--bf16: bfloat16 weights but for A_log and D, a float32 recurrent state; stepping follows the bf16 full
+    forward within bf16 rounding, and without MoE routing (whose choices may flip) the fp32 model too."""
+    model = tiny_model(**MODELS[name])
+    half = to_bf16(copy.deepcopy(model))
+    kept = {n: p.dtype for n, p in half.named_parameters() if n.rsplit(".", 1)[-1] in ("A_log", "D")}
+    assert half.embedding.weight.dtype == torch.bfloat16 and set(kept.values()) <= {torch.float32}
+    assert bool(kept) == ("M" in model.cfg.pattern)
+    ids = tokens(2, 12)
+    with torch.no_grad():
+        full, full32 = half(ids).logits.float(), model(ids).logits
+    cache = allocate_cache(half, 2)
+    parts = [forward_cached(half, ids[:, :5], cache)] + [forward_cached(half, ids[:, t:t + 1], cache)
+                                                          for t in range(5, 12)]
+    stepped = torch.cat(parts, dim=1).float()
+    for state in cache.states.values():
+        if isinstance(state, tuple):  # Mamba: (conv_state in the weights' dtype, ssm_state in float32)
+            assert (state[0].dtype, state[1].dtype) == (torch.bfloat16, torch.float32)
+    torch.testing.assert_close(stepped, full, rtol=0, atol=0.05)  # logits of about +-2; bf16 steps are 1/128
+    if "E" not in model.cfg.pattern and not model.cfg.mamba_moe_projections:
+        torch.testing.assert_close(stepped, full32, rtol=0, atol=0.05)
 
 
 def _greedy_by_full_forwards(model, prompt, steps):
@@ -256,8 +283,15 @@ def test_generate_cli(tmp_path, tiny_corpus, capsys, monkeypatch):
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["tokens"] == [expected]
     assert out["samples"] == [tok.decode([t for t in expected if t != tok.eod])]
-    # user errors: one line on stderr, exit code 2
     tool = _tool("generate")
+    # --bf16: what the bf16 model loaded for use decodes
+    half, _ = load_for_inference(root, bf16=True)
+    assert half.layers["0"].mixer.in_proj.weight.dtype == torch.bfloat16
+    assert tool.main(["--load", root, "--prompt", "import os", "--max-new-tokens", "8", "--temperature", "0",
+                      "--bf16", "--json", "--threads", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] == [
+        generate(half, tok.encode("import os"), 8, temperature=0, eod=tok.eod, vocab_size=tok.vocab_size)]
+    # user errors: one line on stderr, exit code 2
     assert tool.main(["--load", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.strip() == f"generate: error: --load: {tmp_path / 'nowhere'} does not exist"
     assert tool.main(["--load", root, "--tokenizer-model", str(tmp_path / "none.model")]) == 2
@@ -266,7 +300,7 @@ def test_generate_cli(tmp_path, tiny_corpus, capsys, monkeypatch):
     monkeypatch.setattr("megamoe.inference.loading.available_bytes", lambda device: 1000)
     assert tool.main(["--load", root]) == 2
     err = capsys.readouterr().err.strip()
-    assert "more than the 0.0 GiB of cpu memory available here" in err and len(err.splitlines()) == 1
+    assert "GiB of cpu memory, more than the 0.0 GiB available here" in err and len(err.splitlines()) == 1
     monkeypatch.undo()
     if not torch.cuda.is_available():
         assert tool.main(["--load", root, "--device", "cuda"]) == 2

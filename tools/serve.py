@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=4096,
                         help="the most tokens (prompt + max_tokens) one completion may have")
     parser.add_argument("--model-name", help="the name clients use (default: the checkpoint folder's name)")
-    add_loading_arguments(parser, tensor_parallel=True)
+    add_loading_arguments(parser, decoding=True)
     return parser
 
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         tokenizer = checkpoint_tokenizer(checkpoint.load_config(args.load), args.tokenizer_model,
                                          tokenizer_type=args.tokenizer_type)  # before the model
-        model, _ = load_for_inference(args.load, args.device, args.tensor_parallel)
+        model, _ = load_for_inference(args.load, args.device, args.tensor_parallel, args.bf16)
         if not first:
             follow(model, args.max_batch_size)
             return 0

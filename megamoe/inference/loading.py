@@ -2,10 +2,11 @@
 
     model, cfg = load_for_inference(checkpoint, device)   any saved TP/PP/EP/DP layout, into one CPU or GPU process
     model, cfg = load_for_inference(checkpoint, device, tensor_parallel=N)   this rank's TP shard (torchrun, N ranks)
+    model, cfg = load_for_inference(checkpoint, device, bf16=True)           bfloat16 weights: half the bytes to read
     tokenizer  = checkpoint_tokenizer(cfg)                the tokenizer the checkpoint's config names, or the one given
     cfg        = checkpoint.load_config(path)             the config alone (megamoe.checkpoint)
     add_loading_arguments(parser)                         the tools' --tokenizer-model/-type, --device, --threads
-                                                          (and --tensor-model-parallel-size)
+                                                          (decoding: --tensor-model-parallel-size, --bf16)
 """
 from __future__ import annotations
 
@@ -24,19 +25,22 @@ from megamoe.parallel import init_distributed
 from megamoe.parallel.parallelize import build_parallel_model
 
 
-def add_loading_arguments(parser, tensor_parallel: bool = False) -> None:
-    """The flags every tool that loads a checkpoint for use shares (generate, evaluate, serve); with
-    `tensor_parallel`, --tensor-model-parallel-size too (generate and serve)."""
+def add_loading_arguments(parser, decoding: bool = False) -> None:
+    """The flags every tool that loads a checkpoint for use shares (generate, evaluate, serve); with `decoding`,
+    --tensor-model-parallel-size and --bf16 too (generate and serve)."""
     parser.add_argument("--tokenizer-model",
                         help="sentencepiece .model or Hugging Face tokenizer folder (default: the checkpoint's)")
     parser.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES),
                         help="as in training (default: the checkpoint's, or told by --tokenizer-model)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    if tensor_parallel:
+    if decoding:
         parser.add_argument("--tensor-model-parallel-size", type=int, default=1, dest="tensor_parallel",
                             help="split each layer over this many processes, for a model larger than one device "
                                  "(launch them with torchrun --nproc-per-node N; rank 0 prints)")
+        parser.add_argument("--bf16", action="store_true",
+                            help="decode with bfloat16 weights (half the memory and the bytes each token reads; "
+                                 "the Mamba state, A and D, the router and the norms compute in float32)")
 
 
 def available_bytes(device: torch.device) -> Optional[int]:
@@ -77,12 +81,13 @@ def checkpoint_tokenizer(cfg, tokenizer_model: Optional[str] = None, required: b
     return tokenizer
 
 
-def load_for_inference(path: str, device: Optional[str] = None, tensor_parallel: int = 1):
+def load_for_inference(path: str, device: Optional[str] = None, tensor_parallel: int = 1, bf16: bool = False):
     """(model in eval mode on `device`, its Config) from checkpoint `path` (a checkpoint folder, or a --save
     folder's latest), whatever TP/PP/EP/DP layout it was saved in. tensor_parallel N > 1: this rank's shard of a
     TP-N model (every rank of an N-process torchrun launch calls it; the first call starts torch.distributed).
     CheckpointError for a missing or damaged checkpoint; InferenceError when the model cannot run here (no such
-    device, not enough memory, a launch of the wrong size); ConfigError when the model cannot split N ways."""
+    device, not enough memory, a launch of the wrong size); ConfigError when the model cannot split N ways.
+    bf16: the weights in bfloat16 after loading, but for Mamba's A_log and D (see to_bf16)."""
     path = checkpoint.resolve(path)
     cfg = checkpoint.load_config(path)
     device = torch.device(device or "cpu")
@@ -90,19 +95,37 @@ def load_for_inference(path: str, device: Optional[str] = None, tensor_parallel:
         raise InferenceError(f"--device {device} asked for, but this machine has no CUDA device; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise InferenceError(f"--device {device}: use cpu or cuda")
-    need = count_parameters(cfg.model)["total"] * 4  # fp32 weights, as the checkpoint holds them
-    need //= tensor_parallel if device.type == "cuda" else 1  # the CPU ranks of a launch share one machine's RAM
+    # What one device holds: fp32 weights as the checkpoint is read (a TP shard each on GPUs; CPU ranks share one
+    # machine's RAM); one process casts to bf16 on the CPU before moving the model to its GPU.
+    params = count_parameters(cfg.model)["total"]
+    need = params * 4 // (tensor_parallel if device.type == "cuda" else 1)
+    need //= 2 if device.type == "cuda" and bf16 and tensor_parallel == 1 else 1
     have = available_bytes(device)
     if have is not None and need > have:
-        raise InferenceError(f"{path}: the model's {need / 4e6:.0f}M parameters need {need / 2**30:.1f} GiB in "
-                             f"fp32, more than the {have / 2**30:.1f} GiB of {device.type} memory available here; "
-                             "run it on a machine with more memory" + (" or split it with --tensor-model-parallel-size"
-                                                                       if device.type == "cuda" else ""))
+        raise InferenceError(f"{path}: the model's {params / 1e6:.0f}M parameters need {need / 2**30:.1f} GiB of "
+                             f"{device.type} memory, more than the {have / 2**30:.1f} GiB available here; run it on a "
+                             "machine with more memory" + (" or split it with --tensor-model-parallel-size"
+                                                           if device.type == "cuda" else ""))
     if tensor_parallel != 1:
-        return _load_tensor_parallel(path, cfg, device, tensor_parallel), cfg
-    model = build_model(cfg.model, seed=cfg.training.seed)  # every weight is then read from the checkpoint
-    checkpoint.load(path, model, None, cfg, None)  # model only: the training run's generators stay saved
-    return model.to(device).eval(), cfg
+        model = _load_tensor_parallel(path, cfg, device, tensor_parallel)
+    else:
+        model = build_model(cfg.model, seed=cfg.training.seed)  # every weight is then read from the checkpoint
+        checkpoint.load(path, model, None, cfg, None)  # model only: the training run's generators stay saved
+        return (to_bf16(model) if bf16 else model).to(device).eval(), cfg
+    return (to_bf16(model) if bf16 else model), cfg
+
+
+def to_bf16(model):
+    """The model with bfloat16 weights, in place, but for each Mamba layer's A_log and D: A = -exp(A_log) sets the
+    state's decay, which bfloat16's 8 bits of mantissa would move, and both are small. The recurrent state stays
+    float32 (MambaMixer.allocate_inference_cache), as do the router's and the norms' arithmetic."""
+    keep = {name: p.detach().float().clone() for name, p in model.named_parameters()
+            if name.rsplit(".", 1)[-1] in ("A_log", "D")}
+    model.to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if name in keep:
+            p.data = keep[name]
+    return model
 
 
 def _load_tensor_parallel(path: str, cfg, device: torch.device, tp: int):
