@@ -162,3 +162,5 @@ def test_tp_decoding_refuses_a_launch_of_the_wrong_size(tmp_path, tiny_corpus, m
     with pytest.raises(InferenceError, match=r"needs 2 processes, one per shard \(torchrun --nproc-per-node 2\); "
                                              "this launch has 1"):
         load_for_inference(root, tensor_parallel=2)
+    with pytest.raises(InferenceError, match="--tensor-model-parallel-size 0 must be >= 1"):
+        load_for_inference(root, tensor_parallel=0)

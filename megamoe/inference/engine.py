@@ -42,15 +42,19 @@ class _Calls:
         self.closed = False
 
     def _tell(self, *command) -> None:
-        if self.group is not None and not self.closed:
-            dist.broadcast_object_list([command], src=dist.get_global_rank(self.group, 0), group=self.group)
+        if self.group is None:
+            return
+        if self.closed:  # the followers have returned: a collective now would wait for ever
+            raise InferenceError("this tensor-parallel engine is closed (its followers have stopped); make a new one")
+        dist.broadcast_object_list([command], src=dist.get_global_rank(self.group, 0), group=self.group)
 
     def prefill(self, rows: list, prompts: list) -> torch.Tensor:
         self._tell("prefill", rows, prompts)
         return prefill(self.model, self.cache, rows, prompts)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        self._tell("decode", tokens.tolist())
+        if self.group is not None:
+            self._tell("decode", tokens.tolist())
         return forward_cached(self.model, tokens, self.cache, last_only=True)[:, -1]
 
     def release(self, rows: list) -> None:
@@ -61,8 +65,9 @@ class _Calls:
         self._tell("keepalive")
 
     def close(self) -> None:
-        self._tell("stop")
-        self.closed = True
+        if not self.closed:
+            self._tell("stop")
+            self.closed = True
 
     def follow(self) -> None:
         src = dist.get_global_rank(self.group, 0)

@@ -1,4 +1,5 @@
-"""Loading a checkpoint for use, in one process: the home that generation, evaluation and their tools share.
+"""Loading a checkpoint for use, in one process or as TP shards: the home that generation, evaluation and their
+tools share.
 
     model, cfg = load_for_inference(checkpoint, device)   any saved TP/PP/EP/DP layout, into one CPU or GPU process
     model, cfg = load_for_inference(checkpoint, device, tensor_parallel=N)   this rank's TP shard (torchrun, N ranks)
@@ -95,6 +96,8 @@ def load_for_inference(path: str, device: Optional[str] = None, tensor_parallel:
         raise InferenceError(f"--device {device} asked for, but this machine has no CUDA device; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise InferenceError(f"--device {device}: use cpu or cuda")
+    if tensor_parallel < 1:
+        raise InferenceError(f"--tensor-model-parallel-size {tensor_parallel} must be >= 1")
     # What one device holds: fp32 weights as the checkpoint is read (a TP shard each on GPUs; CPU ranks share one
     # machine's RAM); one process casts to bf16 on the CPU before moving the model to its GPU.
     params = count_parameters(cfg.model)["total"]
@@ -111,29 +114,32 @@ def load_for_inference(path: str, device: Optional[str] = None, tensor_parallel:
     else:
         model = build_model(cfg.model, seed=cfg.training.seed)  # every weight is then read from the checkpoint
         checkpoint.load(path, model, None, cfg, None)  # model only: the training run's generators stay saved
-        return (to_bf16(model) if bf16 else model).to(device).eval(), cfg
-    return (to_bf16(model) if bf16 else model), cfg
+    return (to_bf16(model) if bf16 else model).to(device).eval(), cfg  # (a TP shard is on its device already)
+
+
+FP32_IN_BF16 = ("A_log", "D", "expert_bias")  # what to_bf16 leaves in float32
 
 
 def to_bf16(model):
-    """The model with bfloat16 weights, in place, but for each Mamba layer's A_log and D: A = -exp(A_log) sets the
-    state's decay, which bfloat16's 8 bits of mantissa would move, and both are small. The recurrent state stays
-    float32 (MambaMixer.allocate_inference_cache), as do the router's and the norms' arithmetic."""
-    keep = {name: p.detach().float().clone() for name, p in model.named_parameters()
-            if name.rsplit(".", 1)[-1] in ("A_log", "D")}
+    """The model with bfloat16 weights, in place, but for each Mamba layer's A_log and D (A = -exp(A_log) sets the
+    state's decay, which bfloat16's 8 bits of mantissa would move; both are small) and the routers' expert bias
+    (it decides the top-k). The recurrent state stays float32 (MambaMixer.allocate_inference_cache), as do the
+    router's and the norms' arithmetic."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    keep = {name: t.detach().float().clone() for name, t in tensors if name.rsplit(".", 1)[-1] in FP32_IN_BF16}
     model.to(torch.bfloat16)
-    for name, p in model.named_parameters():
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name in keep:
-            p.data = keep[name]
+            t.data = keep[name]
     return model
 
 
 def _load_tensor_parallel(path: str, cfg, device: torch.device, tp: int):
     """This rank's TP shard of the checkpoint's model, in a TP-only layout of every rank of the launch."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if tp < 1 or world != tp:
-        raise InferenceError(f"--tensor-model-parallel-size {tp} needs {max(tp, 1)} processes, one per shard "
-                             f"(torchrun --nproc-per-node {max(tp, 1)}); this launch has {world}")
+    if world != tp:
+        raise InferenceError(f"--tensor-model-parallel-size {tp} needs {tp} processes, one per shard (torchrun "
+                             f"--nproc-per-node {tp}); this launch has {world}")
     parallel = dataclasses.replace(
         cfg.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, context_parallel_size=1,
         virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1, expert_tensor_parallel_size=None,
