@@ -2,7 +2,8 @@
 gloo ranks) decodes what one process decodes: the same logits within fp32 rounding, the same greedy tokens for a
 ragged batch, the same seeded samples on every rank; tools/generate.py under a TP launch prints the same JSON;
 the continuous-batching engine on rank 0 with rank 1 following it (slots reused, the HTTP server over it, idle
-keep-alives) completes what one process completes; and what TP decoding refuses."""
+keep-alives) completes what one process completes; tools/evaluate.py under a TP launch scores the one-process
+perplexity; and what TP decoding refuses."""
 import _thread
 import contextlib
 import io
@@ -154,6 +155,27 @@ def test_tp2_engine_and_server_equal_one_process(tmp_path, tiny_corpus):
     assert tp == [(alone, texts), None]
     assert run_on_ranks(_serve_cli_ranks, 2, args=(root,), timeout=300) == [(0, texts), (0, [])]
     assert all(len(t) == STEPS or t[-1] == tok.eod for t in alone)
+
+
+def _evaluate_ranks(root: str):
+    shard = load_for_inference(root, tensor_parallel=2)[0].lm_head.weight.shape[0]  # what the tool will run
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        rc = _tool("evaluate").main(["--load", root, "--split", "valid", "--batch-size", "2", "--max-batches", "3",
+                                     "--json", "--tensor-model-parallel-size", "2"])
+    return rc, stdout.getvalue(), shard
+
+
+def test_tp2_perplexity_equals_one_process(tmp_path, tiny_corpus):
+    from megamoe.inference import dataset_batches, evaluate_perplexity
+    root, _, cfg = save_tiny_checkpoint(tmp_path / "ckpt", tiny_corpus, "MEAF")
+    alone = evaluate_perplexity(load_for_inference(root)[0],
+                                dataset_batches(cfg.data.data_path, 32, 2, "valid", cfg.data.split), max_batches=3)
+    (rc0, out0, shard), (rc1, out1, _) = run_on_ranks(_evaluate_ranks, 2, args=(root,), timeout=300)
+    assert (rc0, rc1, out1, shard) == (0, 0, "", cfg.model.vocab_size // 2)  # sharded; rank 0 prints
+    result = json.loads(out0.strip().splitlines()[-1])
+    assert result["tokens"] == alone["tokens"] == 3 * 2 * 32
+    assert result["loss"] == pytest.approx(alone["loss"], rel=1e-5)
 
 
 def test_tp_decoding_refuses_a_launch_of_the_wrong_size(tmp_path, tiny_corpus, monkeypatch):

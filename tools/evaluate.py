@@ -1,8 +1,10 @@
-"""Loss and perplexity of a checkpoint on held-out data, in one process with no process group (CPU by default).
+"""Loss and perplexity of a checkpoint on held-out data, in one process with no process group (CPU by default), or
+tensor-parallel over N processes for a model larger than one device (rank 0 prints):
 
     python tools/evaluate.py --load ckpt/run1 --split valid                 the valid part of the run's data
     python tools/evaluate.py --load ckpt/run1 --data-path data/other_text_document   a whole preprocessed dataset
     python tools/evaluate.py --load ckpt/run1 --text-file notes.txt docs.jsonl       raw files, tokenized here
+    torchrun --nproc-per-node 2 tools/evaluate.py --load ckpt/run1 --split valid --tensor-model-parallel-size 2
 
 --split valid|test takes that part of --data-path (default: the checkpoint's training data) with the run's
 split weights (--split-weights to change them); --data-path alone takes the whole dataset. Every token is
@@ -29,6 +31,7 @@ from megamoe.inference import (  # noqa: E402
     load_for_inference,
     text_batches,
 )
+from megamoe.parallel import destroy_distributed  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +79,7 @@ def batches_for(args, cfg, seq_length: int):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    first = int(os.environ.get("RANK", "0")) == 0  # the rank that prints (every rank of a TP launch scores)
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -86,14 +90,21 @@ def main(argv=None) -> int:
                             f"{args.max_batches} must be >= 1")
         batches, source = batches_for(args, cfg, seq_length)  # data checks before the model is loaded
         start = time.perf_counter()
-        model, _ = load_for_inference(args.load, args.device)
-        print(f"loaded {args.load} in {time.perf_counter() - start:.1f} s; scoring {source}", file=sys.stderr)
+        model, _ = load_for_inference(args.load, args.device, args.tensor_parallel)
+        if first:
+            print(f"loaded {args.load} in {time.perf_counter() - start:.1f} s; scoring {source}", file=sys.stderr)
         start = time.perf_counter()
         result = evaluate_perplexity(model, batches, args.max_batches, args.capacity_factor)
     except UserError as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
+        if first:
+            print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if args.tensor_parallel != 1:
+            destroy_distributed()
     result.update(source=source, seq_length=seq_length, seconds=time.perf_counter() - start)
+    if not first:
+        return 0
     if args.json:
         print(json.dumps(result))
     else:

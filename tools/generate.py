@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="makes sampling reproducible (default: a fresh one, printed on stderr)")
     parser.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, in one batch")
     parser.add_argument("--no-stop-at-eod", action="store_true", help="keep going past the end-of-document token")
-    add_loading_arguments(parser, decoding=True)
+    add_loading_arguments(parser, bf16=True)
     parser.add_argument("--json", action="store_true", help="print one JSON object with the samples and timings")
     return parser
 

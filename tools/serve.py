@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=4096,
                         help="the most tokens (prompt + max_tokens) one completion may have")
     parser.add_argument("--model-name", help="the name clients use (default: the checkpoint folder's name)")
-    add_loading_arguments(parser, decoding=True)
+    add_loading_arguments(parser, bf16=True)
     return parser
 
 

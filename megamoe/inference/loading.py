@@ -6,8 +6,8 @@ tools share.
     model, cfg = load_for_inference(checkpoint, device, bf16=True)           bfloat16 weights: half the bytes to read
     tokenizer  = checkpoint_tokenizer(cfg)                the tokenizer the checkpoint's config names, or the one given
     cfg        = checkpoint.load_config(path)             the config alone (megamoe.checkpoint)
-    add_loading_arguments(parser)                         the tools' --tokenizer-model/-type, --device, --threads
-                                                          (decoding: --tensor-model-parallel-size, --bf16)
+    add_loading_arguments(parser)                         the tools' --tokenizer-model/-type, --device, --threads,
+                                                          --tensor-model-parallel-size (and --bf16)
 """
 from __future__ import annotations
 
@@ -26,19 +26,21 @@ from megamoe.parallel import init_distributed
 from megamoe.parallel.parallelize import build_parallel_model
 
 
-def add_loading_arguments(parser, decoding: bool = False) -> None:
-    """The flags every tool that loads a checkpoint for use shares (generate, evaluate, serve); with `decoding`,
-    --tensor-model-parallel-size and --bf16 too (generate and serve)."""
+def add_loading_arguments(parser, tensor_parallel: bool = True, bf16: bool = False) -> None:
+    """The flags every tool that loads a checkpoint for use shares (generate, evaluate, serve), with
+    --tensor-model-parallel-size unless `tensor_parallel` is False and --bf16 when `bf16` (the decoding tools:
+    a perplexity would move with it)."""
     parser.add_argument("--tokenizer-model",
                         help="sentencepiece .model or Hugging Face tokenizer folder (default: the checkpoint's)")
     parser.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES),
                         help="as in training (default: the checkpoint's, or told by --tokenizer-model)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    if decoding:
+    if tensor_parallel:
         parser.add_argument("--tensor-model-parallel-size", type=int, default=1, dest="tensor_parallel",
                             help="split each layer over this many processes, for a model larger than one device "
                                  "(launch them with torchrun --nproc-per-node N; rank 0 prints)")
+    if bf16:
         parser.add_argument("--bf16", action="store_true",
                             help="decode with bfloat16 weights (half the memory and the bytes each token reads; "
                                  "the Mamba state, A and D, the router and the norms compute in float32)")
