@@ -31,7 +31,7 @@ from megamoe.inference import (  # noqa: E402
     load_for_inference,
     text_batches,
 )
-from megamoe.parallel import destroy_distributed  # noqa: E402
+from megamoe.parallel import destroy_distributed, detect_launch_env  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +79,7 @@ def batches_for(args, cfg, seq_length: int):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    first = int(os.environ.get("RANK", "0")) == 0  # the rank that prints (every rank of a TP launch scores)
+    first = detect_launch_env().rank == 0  # the rank that prints (every rank of a TP launch scores)
     try:
         if args.threads:
             torch.set_num_threads(args.threads)

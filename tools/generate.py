@@ -29,7 +29,7 @@ from megamoe.inference import (  # noqa: E402
     generate,
     load_for_inference,
 )
-from megamoe.parallel import destroy_distributed  # noqa: E402
+from megamoe.parallel import destroy_distributed, detect_launch_env  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    first = int(os.environ.get("RANK", "0")) == 0  # the rank that prints (every rank of a TP launch runs this)
+    first = detect_launch_env().rank == 0  # the rank that prints (every rank of a TP launch runs this)
     try:
         if args.num_samples < 1:
             raise InferenceError(f"--num-samples {args.num_samples} must be >= 1")

@@ -26,7 +26,7 @@ from megamoe.errors import InferenceError, UserError  # noqa: E402
 from megamoe.inference import Engine, add_loading_arguments, checkpoint_tokenizer, load_for_inference  # noqa: E402
 from megamoe.inference.engine import follow  # noqa: E402
 from megamoe.inference.server import CompletionServer  # noqa: E402
-from megamoe.parallel import destroy_distributed  # noqa: E402
+from megamoe.parallel import destroy_distributed, detect_launch_env  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    first = int(os.environ.get("RANK", "0")) == 0  # the rank that serves (the others of a TP launch follow it)
+    first = detect_launch_env().rank == 0  # the rank that serves (the others of a TP launch follow it)
     engine = None
     try:
         for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-length", args.max_length)):

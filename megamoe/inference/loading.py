@@ -22,7 +22,7 @@ from megamoe.config import TOKENIZER_TYPES
 from megamoe.data import load_tokenizer
 from megamoe.errors import DataError, InferenceError
 from megamoe.model import build_model, count_parameters
-from megamoe.parallel import init_distributed
+from megamoe.parallel import detect_launch_env, init_distributed
 from megamoe.parallel.parallelize import build_parallel_model
 
 
@@ -138,7 +138,7 @@ def to_bf16(model):
 
 def _load_tensor_parallel(path: str, cfg, device: torch.device, tp: int):
     """This rank's TP shard of the checkpoint's model, in a TP-only layout of every rank of the launch."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = detect_launch_env().world_size  # torchrun's, mpirun's or srun's, as init_distributed reads it
     if world != tp:
         raise InferenceError(f"--tensor-model-parallel-size {tp} needs {tp} processes, one per shard (torchrun "
                              f"--nproc-per-node {tp}); this launch has {world}")
