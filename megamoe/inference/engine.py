@@ -90,7 +90,8 @@ def follow(model, slots: int) -> None:
     """The side of a tensor-parallel Engine on TP ranks other than 0: make the model calls the engine broadcasts
     (on a cache of the same `slots`), until it stops (Engine.close, or the end of serve_forever)."""
     check_model(model)
-    if tp_group(model) is None or dist.get_rank(tp_group(model)) == 0:
+    group = tp_group(model)
+    if group is None or dist.get_rank(group) == 0:
         raise InferenceError("follow() runs on the TP ranks other than 0 of a tensor-parallel model; rank 0 runs "
                              "the Engine")
     _Calls(model, allocate_cache(model, slots)).follow()
@@ -160,7 +161,8 @@ class Engine:
     def __init__(self, model, slots: int = 8, eod: Optional[int] = None, vocab_size: Optional[int] = None,
                  decode: Optional[Callable] = None, max_length: Optional[int] = None):
         check_model(model)
-        if tp_group(model) is not None and dist.get_rank(tp_group(model)) != 0:
+        group = tp_group(model)
+        if group is not None and dist.get_rank(group) != 0:
             raise InferenceError("a tensor-parallel Engine runs on TP rank 0; the other TP ranks call "
                                  "follow(model, slots)")
         if slots < 1:
