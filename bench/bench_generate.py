@@ -4,10 +4,13 @@ of a step measured on this machine in the same run.
     python bench/bench_generate.py            # d_model 512, 8 blocks (ME x 4 / AE x 4), 8 experts, vocab 8000,
                                               # contexts 1k, 4k, 16k, batch 1 and 8, fp32, 2 threads
     python bench/bench_generate.py --quick    # contexts 1k and 4k
-    python bench/bench_generate.py --bf16     # bfloat16 weights (megamoe.inference.loading.to_bf16), as --bf16 decodes
+    python bench/bench_generate.py --bf16     # bfloat16 weights (megamoe.inference.loading.to_bf16), as --bf16
+                                              # decodes, beside the fp32 MoE-Mamba
+    python bench/bench_generate.py --products # and the GB/s of each matrix product path for these weights
 
 Each row: a cache holding `context` tokens per sequence, then greedy decode steps (megamoe.inference.generation's
-forward_cached, one token per sequence), the median step. The caches are filled with random values of the
+forward_cached, one token per sequence), the median step, of a model laid out as load_for_inference lays a
+checkpoint out on CPU (megamoe.inference.loading.for_cpu_decoding). The caches are filled with random values of the
 context's length rather than prefilled: a step's work depends on the cache's size, not its values, and a 16k
 prefill of the Transformer takes minutes here. Cache: bytes per sequence after the steps (Mamba's conv and SSM
 states; the Transformer's keys and values).
@@ -27,14 +30,16 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megamoe.cli.study import width_matching  # noqa: E402
 from megamoe.config import config_from_dict  # noqa: E402
 from megamoe.inference.generation import _allocate, forward_cached  # noqa: E402
-from megamoe.inference.loading import to_bf16  # noqa: E402
+from megamoe.inference.loading import for_cpu_decoding, to_bf16  # noqa: E402
 from megamoe.model import KVCache, build_model, count_parameters  # noqa: E402
+from megamoe.ops import linear as ops_linear  # noqa: E402
 
 
 def read_bandwidth(megabytes: int = 512, reps: int = 5) -> float:
@@ -51,8 +56,8 @@ def read_bandwidth(megabytes: int = 512, reps: int = 5) -> float:
 
 def build(section: dict, vocab: int, bf16: bool = False):
     cfg = config_from_dict({"model": dict(section, vocab_size=vocab)}).model
-    model = build_model(cfg).eval()
-    return (to_bf16(model) if bf16 else model), count_parameters(cfg), cfg
+    model = build_model(cfg).eval()  # then laid out as load_for_inference lays a checkpoint out on CPU
+    return for_cpu_decoding(to_bf16(model) if bf16 else model), count_parameters(cfg), cfg
 
 
 def filled_cache(model, batch: int, context: int, steps: int):
@@ -84,6 +89,42 @@ def decode_step_time(model, batch: int, context: int, steps: int) -> tuple:
     return statistics.median(times), cache.nbytes() // batch
 
 
+def product_rate(product, x: torch.Tensor, weight: torch.Tensor, reps: int = 5) -> float:
+    """Bytes/s of product(x, w) over copies of `weight` (160 MB of them, far beyond the caches), the best of reps."""
+    copies = [weight.clone(memory_format=torch.preserve_format) for _ in range(max(4, int(160e6 / weight.nbytes)))]
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        for w in copies:
+            product(x, w)
+        best = min(best, time.perf_counter() - start)
+    return weight.nbytes * len(copies) / best
+
+
+def products_table(d_model: int, d_expert: int, vocab: int, dtype, bandwidth: float) -> None:
+    """GB/s of megamoe.ops.linear's products against torch's own (and oneDNN's) for this model's weights."""
+    def onednn(x, w):
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+    print("| weight | stored | rows | torch GB/s | oneDNN GB/s | megamoe GB/s | megamoe / read bandwidth |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for rows in (1, 8):
+        for name, (d_out, d_in) in (("Mamba in_proj", (4 * d_model, d_model)),
+                                    ("Mamba out_proj", (d_model, 2 * d_model)), ("LM head", (vocab, d_model))):
+            w, x = torch.randn(d_out, d_in, dtype=dtype), torch.randn(rows, d_in, dtype=dtype)
+            ours = product_rate(ops_linear.linear, x, w)
+            dnn = f"{product_rate(onednn, x, w) / 1e9:.1f}" if ops_linear._ONEDNN else "-"
+            print(f"| {name} {d_out} x {d_in} | (out, in) | {rows} | {product_rate(F.linear, x, w) / 1e9:.1f} | "
+                  f"{dnn} | {ours / 1e9:.1f} | {ours / bandwidth:.2f} |")
+        for name, (d_in, d_out) in (("expert w1", (d_model, d_expert)), ("expert w2", (d_expert, d_model))):
+            w, x = torch.randn(d_in, d_out, dtype=dtype), torch.randn(rows, d_in, dtype=dtype)
+            for stored, weight in (("(in, out)", w), ("(out, in) for decoding", ops_linear.store_out_in(w))):
+                ours = product_rate(ops_linear.matmul_in_out, x, weight)
+                print(f"| {name} {d_in} x {d_out} | {stored} | {rows} | "
+                      f"{product_rate(torch.matmul, x, weight) / 1e9:.1f} | - | {ours / 1e9:.1f} | "
+                      f"{ours / bandwidth:.2f} |")
+
+
 def step_bytes(model, counts: dict, cache_bytes: int) -> int:
     """What a batch-1 step reads: the active weights (the LM head whole) and the cache."""
     size = model.embedding.weight.element_size()
@@ -103,6 +144,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="contexts 1k and 4k, 8 steps")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights")
+    parser.add_argument("--products", action="store_true",
+                        help="also the GB/s of each matrix product path (megamoe.ops.linear) for these weights")
     args = parser.parse_args(argv)
     if args.quick:
         args.contexts, args.steps = [1024, 4096], 8
@@ -114,6 +157,8 @@ def main(argv=None):
     transformer = width_matching(dict(mamba, pattern="AE" * args.blocks), "d_expert", active)
     models = {"MoE-Mamba": build(mamba, args.vocab, args.bf16),
               "Transformer-MoE": build(transformer, args.vocab, args.bf16)}
+    if args.bf16:  # the reference: the same MoE-Mamba's fp32 steps, in the same run
+        models["MoE-Mamba fp32"] = build(mamba, args.vocab)
 
     print(f"d_model {args.d_model}, {2 * args.blocks} blocks, {args.experts} experts, vocab {args.vocab}, "
           f"{'bf16' if args.bf16 else 'fp32'}, "
@@ -147,6 +192,9 @@ def main(argv=None):
     print(f"MoE-Mamba cache at {longest} / at {args.contexts[0]}: {flat:.2f}x (target 1.00x, flat); "
           f"decode tokens/s at {longest}, MoE-Mamba / Transformer-MoE: {ratios} (target >= 4x); "
           f"MoE-Mamba batch-1 step / floor: {over_floor:.2f}x (target <= 1.5x)")
+    if args.products:
+        products_table(args.d_model, models["MoE-Mamba"][2].resolved_d_expert, args.vocab,
+                       torch.bfloat16 if args.bf16 else torch.float32, bandwidth)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from megamoe.inference import (
     prefill,
     sample,
 )
-from megamoe.inference.loading import to_bf16
-from megamoe.model import build_model
+from megamoe.inference.loading import for_cpu_decoding, to_bf16
+from megamoe.model import Experts, build_model
 from megamoe.training import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,20 +82,46 @@ def test_recurrent_decoding_equals_full_forward(name, prompt):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_decoding_through_the_fast_products_equals_full_forward():
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("layout", ["as_built", "for_cpu_decoding"])
+def test_decoding_through_the_fast_products_equals_full_forward(batch, layout):
     """At widths where decode steps take ops.linear's oneDNN and row-blocked paths (d_model 256, 2 threads),
-    stepping still equals the full forward: Mamba, MoE (top-2, shared expert), attention and FFN blocks."""
+    stepping still equals the full forward: Mamba, MoE (top-2, shared expert), attention and FFN blocks, one
+    sequence (one-token products, the MoE's one-token path) or two, with the experts as built or laid out as
+    load_for_inference lays them out on CPU (which changes neither the full forward nor the state dict)."""
     cfg = ModelConfig(d_model=256, d_state=8, vocab_size=VOCAB, num_experts=4, num_heads=4, pattern="MEAF",
                       capacity_factor=0, top_k=2, shared_expert_intermediate_size=256)
     model = perturbed(build_model(cfg, seed=5), 5)
-    ids = tokens(2, 9)
+    ids = tokens(batch, 9)
     torch.set_num_threads(2)
     with torch.no_grad():
         full = model(ids).logits
-    cache = allocate_cache(model, 2)
+        if layout == "for_cpu_decoding":
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            for_cpu_decoding(model)
+            w1 = model.layers["1"].moe.experts.w1
+            assert w1.shape == (4, 256, cfg.resolved_d_expert) and w1.transpose(1, 2).is_contiguous()
+            assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+            torch.testing.assert_close(model(ids).logits, full, rtol=1e-5, atol=1e-5)
+    cache = allocate_cache(model, batch)
     parts = [forward_cached(model, ids[:, :4], cache)] + [forward_cached(model, ids[:, t:t + 1], cache)
                                                            for t in range(4, 9)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_the_decay_a_step_reuses_follows_a_log():
+    """MambaMixer.step computes A = -exp(A_log) once per value of A_log: after an in-place update of A_log (an
+    optimizer's step, a load) the next step equals the step of a copy that never computed A before."""
+    model = tiny_model(pattern="M")
+    ids = tokens(1, 7)
+    with torch.no_grad():
+        cache = allocate_cache(model, 1)
+        forward_cached(model, ids[:, :5], cache)
+        forward_cached(model, ids[:, 5:6], cache)  # computes and keeps A
+        model.layers["0"].mixer.A_log.add_(0.5)
+        fresh, fresh_cache = copy.deepcopy(model), copy.deepcopy(cache)
+        del fresh.layers["0"].mixer._decay_of
+        assert torch.equal(forward_cached(model, ids[:, 6:], cache), forward_cached(fresh, ids[:, 6:], fresh_cache))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -274,6 +300,8 @@ def test_generate_cli(tmp_path, tiny_corpus, capsys, monkeypatch):
         loaded, _ = load_for_inference(path)
         assert torch.equal(torch.get_rng_state(), rng)  # the run's saved generators are not restored here
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+        experts = [m for m in loaded.modules() if isinstance(m, Experts)]  # laid out for CPU steps
+        assert experts and all(w.transpose(-1, -2).is_contiguous() for m in experts for w in m.parameters())
     tok = load_tokenizer(tiny_corpus["tokenizer"])
     expected = generate(model, tok.encode("import os"), 8, temperature=0, eod=tok.eod, vocab_size=tok.vocab_size)
     run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--load", root, "--prompt",

@@ -4,6 +4,7 @@ tools share.
     model, cfg = load_for_inference(checkpoint, device)   any saved TP/PP/EP/DP layout, into one CPU or GPU process
     model, cfg = load_for_inference(checkpoint, device, tensor_parallel=N)   this rank's TP shard (torchrun, N ranks)
     model, cfg = load_for_inference(checkpoint, device, bf16=True)           bfloat16 weights: half the bytes to read
+    for_cpu_decoding(model)                               what load_for_inference does on CPU: the experts' layout
     tokenizer  = checkpoint_tokenizer(cfg)                the tokenizer the checkpoint's config names, or the one given
     cfg        = checkpoint.load_config(path)             the config alone (megamoe.checkpoint)
     add_loading_arguments(parser)                         the tools' --tokenizer-model/-type, --device, --threads,
@@ -21,7 +22,8 @@ from megamoe import checkpoint
 from megamoe.config import TOKENIZER_TYPES
 from megamoe.data import load_tokenizer
 from megamoe.errors import DataError, InferenceError
-from megamoe.model import build_model, count_parameters
+from megamoe.model import Experts, build_model, count_parameters
+from megamoe.ops.linear import store_out_in
 from megamoe.parallel import detect_launch_env, init_distributed
 from megamoe.parallel.parallelize import build_parallel_model
 
@@ -116,7 +118,10 @@ def load_for_inference(path: str, device: Optional[str] = None, tensor_parallel:
     else:
         model = build_model(cfg.model, seed=cfg.training.seed)  # every weight is then read from the checkpoint
         checkpoint.load(path, model, None, cfg, None)  # model only: the training run's generators stay saved
-    return (to_bf16(model) if bf16 else model).to(device).eval(), cfg  # (a TP shard is on its device already)
+    model = to_bf16(model) if bf16 else model
+    if device.type == "cpu":
+        for_cpu_decoding(model)
+    return model.to(device).eval(), cfg  # (a TP shard is on its device already)
 
 
 FP32_IN_BF16 = ("A_log", "D", "expert_bias")  # what to_bf16 leaves in float32
@@ -133,6 +138,17 @@ def to_bf16(model):
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name in keep:
             t.data = keep[name]
+    return model
+
+
+def for_cpu_decoding(model):
+    """The model, in place, with every expert weight stored (out, in) (ops.linear.store_out_in), the layout in
+    which a one-token CPU step reads it fastest (bench/bench_generate.py). Values and shapes are unchanged, and so
+    is every other path: torch's products take either layout."""
+    for module in model.modules():
+        if isinstance(module, Experts):
+            for weight in module.parameters():
+                weight.data = store_out_in(weight.data)
     return model
 
 

@@ -129,14 +129,21 @@ class MambaMixer(nn.Module):
             x, z = module_linear(self.in_proj, h).chunk(2, dim=-1)
         else:
             x, z = module_linear(self.conv_proj, h), module_linear(self.gate_proj, h)
-        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-        conv_state[..., -1] = x
+        conv_state.copy_(torch.cat([conv_state[..., 1:], x[..., None].to(conv_state.dtype)], dim=-1))
         x = (conv_state * self.conv1d.weight[:, 0]).sum(-1)
-        if self.conv1d.bias is not None:
-            x = x + self.conv1d.bias
-        x = F.silu(x)
+        x = F.silu(x if self.conv1d.bias is None else x + self.conv1d.bias)
         dt, B, C = torch.split(module_linear(self.x_proj, x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = linear(dt, self.dt_proj.weight)
-        y = selective_state_update(ssm_state, x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z,
+        y = selective_state_update(ssm_state, x, dt, self._decay(), B, C, self.D.float(), z=z,
                                    dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
         return module_linear(self.out_proj, y)[:, None]
+
+    def _decay(self) -> torch.Tensor:
+        """A = -exp(A_log) in float32 for a step; without autograd computed once per value of A_log (an
+        optimizer's or a load's in-place update bumps its version; a move or a cast gives it new storage)."""
+        if torch.is_grad_enabled():
+            return -torch.exp(self.A_log.float())
+        key = (self.A_log._version, self.A_log.data_ptr(), self.A_log.dtype)
+        if getattr(self, "_decay_of", (None,))[0] != key:
+            self._decay_of = (key, -torch.exp(self.A_log.float()))
+        return self._decay_of[1]

@@ -400,19 +400,26 @@ class SwitchMoE(nn.Module):
         gates, _ = router_scores(logits, self.routing.score_function)
         expert_index, weights = token_choice(logits, gates, self.top_k, self.routing, self.router.expert_bias)
         experts, w2 = self.experts, getattr(self.experts, "w2", None)
-        by_expert: dict = {}  # expert -> (tokens, their weights): each expert's weights are read once
-        for t, chosen in enumerate(expert_index.tolist()):
-            for k, e in enumerate(chosen):
-                by_expert.setdefault(e, ([], []))[0].append(t)
-                by_expert[e][1].append(k)
+
+        def ffn(e: int, rows_x: torch.Tensor) -> torch.Tensor:
+            y = matmul_in_out(rows_x, experts.w1[e])
+            return y if w2 is None else matmul_in_out(activate(y, experts.activation), w2[e])
+
         out = None
-        for e, (tokens, ks) in by_expert.items():
-            rows = torch.tensor(tokens, device=x.device)
-            y = matmul_in_out(x[rows], experts.w1[e])
-            if w2 is not None:
-                y = matmul_in_out(activate(y, experts.activation), w2[e])
-            y = y * weights[rows, torch.tensor(ks, device=x.device), None].to(y.dtype)
-            out = (y.new_zeros(x.shape[0], y.shape[-1]) if out is None else out).index_add_(0, rows, y)
+        if x.shape[0] == 1:  # one token (batch-1 decoding): its experts' outputs weighted and summed, no indexing
+            for k, e in enumerate(expert_index[0].tolist()):
+                y = ffn(e, x) * weights[:, k:k + 1].to(x.dtype)
+                out = y if out is None else out.add_(y)
+        else:
+            by_expert: dict = {}  # expert -> (tokens, their weights): each expert's weights are read once
+            for t, chosen in enumerate(expert_index.tolist()):
+                for k, e in enumerate(chosen):
+                    by_expert.setdefault(e, ([], []))[0].append(t)
+                    by_expert[e][1].append(k)
+            for e, (tokens, ks) in by_expert.items():
+                rows = torch.tensor(tokens, device=x.device)
+                y = ffn(e, x[rows]) * weights[rows, torch.tensor(ks, device=x.device), None].to(x.dtype)
+                out = (y.new_zeros(x.shape[0], y.shape[-1]) if out is None else out).index_add_(0, rows, y)
         if hasattr(self, "shared"):
             out = out + self.shared.step(x).to(out.dtype)
         return out.reshape(*h.shape[:-1], out.shape[-1])

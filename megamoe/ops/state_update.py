@@ -23,15 +23,15 @@ def selective_state_update_ref(state: torch.Tensor, x: torch.Tensor, dt: torch.T
     if dt_softplus:
         dt = F.softplus(dt)
     dA = torch.exp(dt[..., None] * A.float())
-    dBx = (dt * x.float())[..., None] * B.float()[:, None, :]
+    dtx, B = (dt * x.float())[..., None], B.float()[:, None, :]
     if state.dtype == torch.float32:  # in place: the state is read and written once
-        new_state = state.mul_(dA).add_(dBx)
+        new_state = state.mul_(dA).addcmul_(dtx, B)
     else:
-        new_state = state.float() * dA + dBx
+        new_state = torch.addcmul(state.float() * dA, dtx, B)
         state.copy_(new_state)
     y = torch.matmul(new_state, C.float()[..., None])[..., 0]
     if D is not None:
-        y = y + x.float() * D.float()
+        y = torch.addcmul(y, x.float(), D.float())
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(x.dtype)

@@ -29,6 +29,29 @@ def test_decode_products_equal_torchs(two_threads, dtype, tol, rows):
         w_in_out = weight.t().contiguous()
         torch.testing.assert_close(ops_linear.matmul_in_out(x, w_in_out), x @ w_in_out, rtol=tol, atol=tol)
         torch.testing.assert_close(ops_linear.linear(x, w_in_out.t()), x @ w_in_out, rtol=tol, atol=tol)
+        stored = ops_linear.store_out_in(w_in_out)  # the same values, stored (out, in)
+        assert torch.equal(stored, w_in_out) and stored.t().is_contiguous()
+        torch.testing.assert_close(ops_linear.matmul_in_out(x, stored), x @ w_in_out, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("out_features,threads", [(1024, 2), (1024, 3), (300, 2), (64, 2), (1024, 1)])
+def test_one_token_products_equal_torchs(out_features, threads):
+    """One token (the row-blocked path where the rows split evenly over the threads; else oneDNN or F.linear),
+    as (1, in), (1, 1, in) and a strided row, with and without a bias."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(1)
+        weight = torch.randn(out_features, 512, generator=gen) / 512 ** 0.5
+        bias = torch.randn(out_features, generator=gen)
+        x = torch.randn(3, 512, generator=gen)
+        with torch.no_grad():
+            for row in (x[:1], x[None, 1:2], x[2:, ::1], torch.randn(512, 2, generator=gen).t()[:1]):
+                for b in (None, bias):
+                    torch.testing.assert_close(ops_linear.linear(row, weight, b), F.linear(row, weight, b),
+                                               rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_autograd_takes_torchs_path():
