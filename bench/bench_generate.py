@@ -9,11 +9,11 @@ of a step measured on this machine in the same run.
     python bench/bench_generate.py --products # and the GB/s of each matrix product path for these weights
 
 Each row: a cache holding `context` tokens per sequence, then greedy decode steps (megamoe.inference.generation's
-forward_cached, one token per sequence), the median step, of a model laid out as load_for_inference lays a
-checkpoint out on CPU (megamoe.inference.loading.for_cpu_decoding). The caches are filled with random values of the
-context's length rather than prefilled: a step's work depends on the cache's size, not its values, and a 16k
-prefill of the Transformer takes minutes here. Cache: bytes per sequence after the steps (Mamba's conv and SSM
-states; the Transformer's keys and values).
+forward_cached, one token per sequence), the models' steps in turn, the median step, of a model laid out as
+load_for_inference lays a checkpoint out on CPU (megamoe.inference.loading.for_cpu_decoding). The caches are
+filled with random values of the context's length rather than prefilled: a step's work depends on the cache's
+size, not its values, and a 16k prefill of the Transformer takes minutes here. Cache: bytes per sequence after
+the steps (Mamba's conv and SSM states; the Transformer's keys and values).
 
 Floor (batch 1): the bytes one step must read, the active weights (the dense ones, the chosen expert of each MoE
 layer, the whole LM head) and the cache, over this machine's memory bandwidth, measured here as the best of a few
@@ -76,17 +76,19 @@ def filled_cache(model, batch: int, context: int, steps: int):
     return cache
 
 
-def decode_step_time(model, batch: int, context: int, steps: int) -> tuple:
-    """(median seconds per step, cache bytes per sequence after the steps)."""
-    cache = filled_cache(model, batch, context, steps + 2)
-    token = torch.randint(0, model.cfg.vocab_size, (batch, 1))
-    times = []
+def decode_step_times(models: dict, batch: int, context: int, steps: int) -> dict:
+    """{name: (median seconds per step, cache bytes per sequence after the steps)}. The models step in turn, so
+    that a change in this shared machine's speed during the run is felt by each alike."""
+    runs = {name: [model, filled_cache(model, batch, context, steps + 2),
+                   torch.randint(0, model.cfg.vocab_size, (batch, 1)), []] for name, model in models.items()}
     for i in range(steps + 2):
-        start = time.perf_counter()
-        token = forward_cached(model, token, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
-        if i >= 2:  # two warm-up steps
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), cache.nbytes() // batch
+        for run in runs.values():
+            model, cache, token, times = run
+            start = time.perf_counter()
+            run[2] = forward_cached(model, token, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            if i >= 2:  # two warm-up steps
+                times.append(time.perf_counter() - start)
+    return {name: (statistics.median(run[3]), run[1].nbytes() // batch) for name, run in runs.items()}
 
 
 def product_rate(product, x: torch.Tensor, weight: torch.Tensor, reps: int = 5) -> float:
@@ -140,7 +142,7 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per row")
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps per row")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="contexts 1k and 4k, 8 steps")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights")
@@ -169,22 +171,25 @@ def main(argv=None):
               f"parameters, {counts['active_non_embedding'] / 1e6:.2f}M active without embeddings")
     print("| model | context | batch | step ms | tokens/s | cache MiB / sequence | floor ms | step / floor |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    speed, cache_size, over_floor = {}, {}, None
-    for name, (model, counts, _) in models.items():
-        for context in args.contexts:
-            for batch in args.batches:
-                seconds, cache_bytes = decode_step_time(model, batch, context, args.steps)
+    speed, cache_size, over_floor, rows = {}, {}, None, {}
+    for context in args.contexts:
+        for batch in args.batches:
+            measured = decode_step_times({name: m[0] for name, m in models.items()}, batch, context, args.steps)
+            for name, (seconds, cache_bytes) in measured.items():
                 speed[name, context, batch] = batch / seconds
                 cache_size[name, context] = cache_bytes
-                floor = "-"
-                ratio = "-"
+                floor = ratio = "-"
                 if batch == 1:
+                    model, counts, _ = models[name]
                     floor_s = step_bytes(model, counts, cache_bytes) / bandwidth
                     floor, ratio = f"{1e3 * floor_s:.2f}", f"{seconds / floor_s:.2f}x"
                     if name == "MoE-Mamba" and context == args.contexts[0]:
                         over_floor = seconds / floor_s
-                print(f"| {name} | {context} | {batch} | {1e3 * seconds:.2f} | {batch / seconds:,.0f} | "
-                      f"{cache_bytes / 2 ** 20:.2f} | {floor} | {ratio} |")
+                rows[name, context, batch] = (f"| {name} | {context} | {batch} | {1e3 * seconds:.2f} | "
+                                              f"{batch / seconds:,.0f} | {cache_bytes / 2 ** 20:.2f} | {floor} | "
+                                              f"{ratio} |")
+    for key in sorted(rows, key=lambda k: (list(models).index(k[0]), k[1], k[2])):
+        print(rows[key])
     longest = args.contexts[-1]
     flat = cache_size["MoE-Mamba", longest] / cache_size["MoE-Mamba", args.contexts[0]]
     ratios = ", ".join(f"batch {b} {speed['MoE-Mamba', longest, b] / speed['Transformer-MoE', longest, b]:.2f}x"
