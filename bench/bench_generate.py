@@ -122,7 +122,7 @@ def products_table(d_model: int, d_expert: int, vocab: int, dtype, bandwidth: fl
             # oneDNN's own blocked layout (what torch.compile's CPU freezing packs weights into): an opaque
             # tensor the rest of the model cannot read, measured here as the reference megamoe does not take
             packed = (f"{product_rate(onednn, x, torch.ops.mkldnn._reorder_linear_weight(w, rows)) / 1e9:.1f}"
-                      if packing and dtype == torch.float32 else "-")
+                      if packing else "-")
             print(f"| {name} {d_out} x {d_in} | (out, in) | {rows} | {product_rate(F.linear, x, w) / 1e9:.1f} | "
                   f"{dnn} | {packed} | {ours / 1e9:.1f} | {ours / bandwidth:.2f} |")
         for name, (d_in, d_out) in (("expert w1", (d_model, d_expert)), ("expert w2", (d_expert, d_model))):
