@@ -111,7 +111,8 @@ def test_decoding_through_the_fast_products_equals_full_forward(batch, layout):
 
 def test_the_decay_a_step_reuses_follows_a_log():
     """MambaMixer.step computes A = -exp(A_log) once per value of A_log: after an in-place update of A_log (an
-    optimizer's step, a load) the next step equals the step of a copy that never computed A before."""
+    optimizer's step, a load) the next step equals the step of a copy that never computed A before; a model
+    built under torch.inference_mode, whose tensors keep no version, still steps as its full forward."""
     model = tiny_model(pattern="M")
     ids = tokens(1, 7)
     with torch.no_grad():
@@ -122,6 +123,12 @@ def test_the_decay_a_step_reuses_follows_a_log():
         fresh, fresh_cache = copy.deepcopy(model), copy.deepcopy(cache)
         del fresh.layers["0"].mixer._decay_of
         assert torch.equal(forward_cached(model, ids[:, 6:], cache), forward_cached(fresh, ids[:, 6:], fresh_cache))
+    with torch.inference_mode():  # a model built there has inference tensors, which keep no version to key on
+        built = tiny_model(pattern="M")
+        cache = allocate_cache(built, 1)
+        forward_cached(built, ids[:, :6], cache)
+        torch.testing.assert_close(forward_cached(built, ids[:, 6:], cache)[:, -1], built(ids).logits[:, -1],
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
