@@ -7,13 +7,16 @@ of a step measured on this machine in the same run.
     python bench/bench_generate.py --bf16     # bfloat16 weights (megamoe.inference.loading.to_bf16), as --bf16
                                               # decodes, beside the fp32 MoE-Mamba
     python bench/bench_generate.py --products # and the GB/s of each matrix product path for these weights
+    python bench/bench_generate.py --no-compile   # without the MoE-Mamba compiled rows
 
 Each row: a cache holding `context` tokens per sequence, then greedy decode steps (megamoe.inference.generation's
 forward_cached, one token per sequence), the models' steps in turn, the median step, of a model laid out as
 load_for_inference lays a checkpoint out on CPU (megamoe.inference.loading.for_cpu_decoding). The caches are
 filled with random values of the context's length rather than prefilled: a step's work depends on the cache's
 size, not its values, and a 16k prefill of the Transformer takes minutes here. Cache: bytes per sequence after
-the steps (Mamba's conv and SSM states; the Transformer's keys and values).
+the steps (Mamba's conv and SSM states; the Transformer's keys and values). "MoE-Mamba compiled": the same
+model's steps through torch.compile (megamoe.inference.compiled, --compile of generate and serve), compiled
+for each batch size before the timed rows.
 
 Floor (batch 1): the bytes one step must read, the active weights (the dense ones, the chosen expert of each MoE
 layer, the whole LM head) and the cache, over this machine's memory bandwidth, measured here as the best of a few
@@ -24,6 +27,7 @@ within 1.5x of its floor. With --bf16 the weights (and so the floor's bytes) are
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -36,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megamoe.cli.study import width_matching  # noqa: E402
 from megamoe.config import config_from_dict  # noqa: E402
+from megamoe.inference.compiled import compile_decoding  # noqa: E402
 from megamoe.inference.generation import _allocate, forward_cached  # noqa: E402
 from megamoe.inference.loading import for_cpu_decoding, to_bf16  # noqa: E402
 from megamoe.model import KVCache, build_model, count_parameters  # noqa: E402
@@ -153,6 +158,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="contexts 1k and 4k, 8 steps")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the MoE-Mamba compiled rows")
     parser.add_argument("--products", action="store_true",
                         help="also the GB/s of each matrix product path (megamoe.ops.linear) for these weights")
     args = parser.parse_args(argv)
@@ -168,17 +174,23 @@ def main(argv=None):
               "Transformer-MoE": build(transformer, args.vocab, args.bf16)}
     if args.bf16:  # the reference: the same MoE-Mamba's fp32 steps, in the same run
         models["MoE-Mamba fp32"] = build(mamba, args.vocab)
+    compiling = time.perf_counter()
+    if not args.no_compile:
+        model, counts, cfg = models["MoE-Mamba"]
+        models["MoE-Mamba compiled"] = (compile_decoding(copy.deepcopy(model), args.batches), counts, cfg)
+        models = dict(sorted(models.items(), key=lambda item: item[0] not in ("MoE-Mamba", "MoE-Mamba compiled")))
+    compiling = time.perf_counter() - compiling
 
     print(f"d_model {args.d_model}, {2 * args.blocks} blocks, {args.experts} experts, vocab {args.vocab}, "
           f"{'bf16' if args.bf16 else 'fp32'}, "
           f"{args.threads} threads; median of {args.steps} greedy steps; memory read bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s")
+          f"{bandwidth / 1e9:.1f} GB/s" + ("" if args.no_compile else f"; compiled in {compiling:.1f} s"))
     for name, (_, counts, cfg) in models.items():
         print(f"{name}: pattern {cfg.pattern}, d_expert {cfg.resolved_d_expert}, {counts['total'] / 1e6:.2f}M "
               f"parameters, {counts['active_non_embedding'] / 1e6:.2f}M active without embeddings")
     print("| model | context | batch | step ms | tokens/s | cache MiB / sequence | floor ms | step / floor |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    speed, cache_size, over_floor, rows = {}, {}, None, {}
+    speed, cache_size, over_floor, rows = {}, {}, {}, {}
     for context in args.contexts:
         for batch in args.batches:
             measured = decode_step_times({name: m[0] for name, m in models.items()}, batch, context, args.steps)
@@ -190,8 +202,8 @@ def main(argv=None):
                     model, counts, _ = models[name]
                     floor_s = step_bytes(model, counts, cache_bytes) / bandwidth
                     floor, ratio = f"{1e3 * floor_s:.2f}", f"{seconds / floor_s:.2f}x"
-                    if name == "MoE-Mamba" and context == args.contexts[0]:
-                        over_floor = seconds / floor_s
+                    if name.startswith("MoE-Mamba") and context == args.contexts[0]:
+                        over_floor[name] = seconds / floor_s
                 rows[name, context, batch] = (f"| {name} | {context} | {batch} | {1e3 * seconds:.2f} | "
                                               f"{batch / seconds:,.0f} | {cache_bytes / 2 ** 20:.2f} | {floor} | "
                                               f"{ratio} |")
@@ -199,11 +211,13 @@ def main(argv=None):
         print(rows[key])
     longest = args.contexts[-1]
     flat = cache_size["MoE-Mamba", longest] / cache_size["MoE-Mamba", args.contexts[0]]
-    ratios = ", ".join(f"batch {b} {speed['MoE-Mamba', longest, b] / speed['Transformer-MoE', longest, b]:.2f}x"
-                       for b in args.batches)
+    ratios = "; ".join(name + " " + ", ".join(
+        f"batch {b} {speed[name, longest, b] / speed['Transformer-MoE', longest, b]:.2f}x" for b in args.batches)
+        for name in over_floor if name != "MoE-Mamba fp32")
     print(f"MoE-Mamba cache at {longest} / at {args.contexts[0]}: {flat:.2f}x (target 1.00x, flat); "
-          f"decode tokens/s at {longest}, MoE-Mamba / Transformer-MoE: {ratios} (target >= 4x); "
-          f"MoE-Mamba batch-1 step / floor: {over_floor:.2f}x (target <= 1.5x)")
+          f"decode tokens/s at {longest} over the Transformer-MoE's: {ratios} (target >= 4x); "
+          "batch-1 step / floor: " + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in over_floor.items())
+          + " (target <= 1.5x)")
     if args.products:
         products_table(args.d_model, models["MoE-Mamba"][2].resolved_d_expert, args.vocab,
                        torch.bfloat16 if args.bf16 else torch.float32, bandwidth)

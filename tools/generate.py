@@ -26,6 +26,7 @@ from megamoe.errors import DataError, InferenceError, UserError  # noqa: E402
 from megamoe.inference import (  # noqa: E402
     add_loading_arguments,
     checkpoint_tokenizer,
+    compile_decoding,
     generate,
     load_for_inference,
 )
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="makes sampling reproducible (default: a fresh one, printed on stderr)")
     parser.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, in one batch")
     parser.add_argument("--no-stop-at-eod", action="store_true", help="keep going past the end-of-document token")
-    add_loading_arguments(parser, bf16=True)
+    add_loading_arguments(parser, decoding=True)
     parser.add_argument("--json", action="store_true", help="print one JSON object with the samples and timings")
     return parser
 
@@ -69,6 +70,11 @@ def main(argv=None) -> int:
         tokenizer = checkpoint_tokenizer(load_config(args.load), args.tokenizer_model,
                                          tokenizer_type=args.tokenizer_type)  # before the model
         model, _ = load_for_inference(args.load, args.device, args.tensor_parallel, args.bf16)
+        if args.compile:
+            compiling = time.perf_counter()
+            compile_decoding(model, [args.num_samples])
+            if first:
+                print(f"decode steps compiled in {time.perf_counter() - compiling:.1f} s", file=sys.stderr)
         ids = tokenizer.encode(text) or [tokenizer.eod]
         loaded = time.perf_counter()
         seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")

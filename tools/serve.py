@@ -23,7 +23,13 @@ import torch  # noqa: E402
 
 from megamoe import checkpoint  # noqa: E402
 from megamoe.errors import InferenceError, UserError  # noqa: E402
-from megamoe.inference import Engine, add_loading_arguments, checkpoint_tokenizer, load_for_inference  # noqa: E402
+from megamoe.inference import (  # noqa: E402
+    Engine,
+    add_loading_arguments,
+    checkpoint_tokenizer,
+    compile_decoding,
+    load_for_inference,
+)
 from megamoe.inference.engine import follow  # noqa: E402
 from megamoe.inference.server import CompletionServer  # noqa: E402
 from megamoe.parallel import destroy_distributed, detect_launch_env  # noqa: E402
@@ -38,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=4096,
                         help="the most tokens (prompt + max_tokens) one completion may have")
     parser.add_argument("--model-name", help="the name clients use (default: the checkpoint folder's name)")
-    add_loading_arguments(parser, bf16=True)
+    add_loading_arguments(parser, decoding=True)
     return parser
 
 
@@ -55,6 +61,9 @@ def main(argv=None) -> int:
         tokenizer = checkpoint_tokenizer(checkpoint.load_config(args.load), args.tokenizer_model,
                                          tokenizer_type=args.tokenizer_type)  # before the model
         model, _ = load_for_inference(args.load, args.device, args.tensor_parallel, args.bf16)
+        if args.compile:
+            print(f"compiling the decode steps of {args.max_batch_size} slots", file=sys.stderr, flush=True)
+            compile_decoding(model, [args.max_batch_size])
         if not first:
             follow(model, args.max_batch_size)
             return 0

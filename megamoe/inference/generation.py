@@ -158,16 +158,26 @@ def forward_cached(model, tokens: torch.Tensor, cache: InferenceCache, last_only
     if not empty and tokens.shape[1] > 1:  # MambaMixer.prefill starts from empty states
         logits = [forward_cached(model, tokens[:, i:i + 1], cache, last_only) for i in range(tokens.shape[1])]
         return logits[-1] if last_only else torch.cat(logits, dim=1)
-    device = model.embedding.weight.device
+    tokens = tokens.to(model.embedding.weight.device)
     with moe_capacity(model, 0.0):
-        h = model.embed(tokens.to(device))
-        for name, block in model.layers.items():
-            h = block.forward_cached(h, cache.states.get(name), empty)
+        if empty:
+            h = model.embed(tokens)
+            for name, block in model.layers.items():
+                h = block.forward_cached(h, cache.states.get(name), True)
+            logits = model.head(h[:, -1:] if last_only else h)
+        else:  # compiled by megamoe.inference.compiled.compile_decoding, if it was called
+            logits = model.__dict__.get("compiled_step", decode_step)(model, tokens, cache.states)
     cache.lengths = [n + tokens.shape[1] for n in cache.lengths]
-    h = h[:, -1:] if last_only else h
-    logits = model.head(h) if empty else module_linear(model.lm_head, model.norm_f(h))
     group = tp_group(model)
     return logits if group is None else gather_from_tp(logits, group)  # the vocabulary's shards, in order
+
+
+def decode_step(model, tokens: torch.Tensor, states: dict) -> torch.Tensor:
+    """Logits (batch, 1, vocab) of one token per row (batch, 1), advancing `states` (InferenceCache.states)."""
+    h = model.embed(tokens)
+    for name, block in model.layers.items():
+        h = block.forward_cached(h, states.get(name), False)
+    return module_linear(model.lm_head, model.norm_f(h))
 
 
 @torch.no_grad()

@@ -141,8 +141,9 @@ class MambaMixer(nn.Module):
     def _decay(self) -> torch.Tensor:
         """A = -exp(A_log) in float32 for a step; without autograd computed once per value of A_log (an
         optimizer's or a load's in-place update bumps its version; a move or a cast gives it new storage). An
-        inference tensor (a model built under torch.inference_mode) has no version: computed every step."""
-        if torch.is_grad_enabled() or self.A_log.is_inference():
+        inference tensor (a model built under torch.inference_mode) has no version, and a compiled step fuses it into
+        the state update: computed every step there."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or self.A_log.is_inference():
             return -torch.exp(self.A_log.float())
         key = (self.A_log._version, self.A_log.data_ptr(), self.A_log.dtype)
         if getattr(self, "_decay_of", (None,))[0] != key:

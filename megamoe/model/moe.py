@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.model.attention import FeedForward, activate
+from megamoe.model.moe_step import expert_mix
 from megamoe.model.router import (
     Routing,
     SwitchRouter,
@@ -43,7 +44,7 @@ from megamoe.model.router import (
     sequence_load_balancing_loss,
     token_choice,
 )
-from megamoe.ops.linear import linear, matmul_in_out
+from megamoe.ops.linear import linear
 
 
 class _AuxLossInjector(torch.autograd.Function):
@@ -392,34 +393,16 @@ class SwitchMoE(nn.Module):
         token through its chosen experts' weights as stored, with none of the dispatch bookkeeping (the sort, the
         capacity queue, the stats), which costs more than a step's matrix-vector products. Else forward()."""
         x = h.reshape(-1, h.shape[-1])
-        if (torch.is_grad_enabled() or self.training or self.capacity_factor or x.shape[0] > 16
+        many = x.shape[0] > 16 and not torch.compiler.is_compiling()  # (eager: forward's grouped products)
+        if (torch.is_grad_enabled() or self.training or self.capacity_factor or many
                 or not isinstance(self.dispatcher, LocalDispatcher) or self.routing.force_load_balancing
                 or getattr(self.experts, "etp_group", None) is not None):
             return self(h)
         logits = linear(x.float(), self.router.weight.float())
         gates, _ = router_scores(logits, self.routing.score_function)
         expert_index, weights = token_choice(logits, gates, self.top_k, self.routing, self.router.expert_bias)
-        experts, w2 = self.experts, getattr(self.experts, "w2", None)
-
-        def ffn(e: int, rows_x: torch.Tensor) -> torch.Tensor:
-            y = matmul_in_out(rows_x, experts.w1[e])
-            return y if w2 is None else matmul_in_out(activate(y, experts.activation), w2[e])
-
-        out = None
-        if x.shape[0] == 1:  # one token (batch-1 decoding): its experts' outputs weighted and summed, no indexing
-            for k, e in enumerate(expert_index[0].tolist()):
-                y = ffn(e, x) * weights[:, k:k + 1].to(x.dtype)
-                out = y if out is None else out.add_(y)
-        else:
-            by_expert: dict = {}  # expert -> (tokens, their weights): each expert's weights are read once
-            for t, chosen in enumerate(expert_index.tolist()):
-                for k, e in enumerate(chosen):
-                    by_expert.setdefault(e, ([], []))[0].append(t)
-                    by_expert[e][1].append(k)
-            for e, (tokens, ks) in by_expert.items():
-                rows = torch.tensor(tokens, device=x.device)
-                y = ffn(e, x[rows]) * weights[rows, torch.tensor(ks, device=x.device), None].to(x.dtype)
-                out = (y.new_zeros(x.shape[0], y.shape[-1]) if out is None else out).index_add_(0, rows, y)
+        out = expert_mix(x, expert_index, weights, self.experts.w1, getattr(self.experts, "w2", None),
+                         self.experts.activation)
         if hasattr(self, "shared"):
             out = out + self.shared.step(x).to(out.dtype)
         return out.reshape(*h.shape[:-1], out.shape[-1])
