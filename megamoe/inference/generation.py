@@ -159,14 +159,14 @@ def forward_cached(model, tokens: torch.Tensor, cache: InferenceCache, last_only
         logits = [forward_cached(model, tokens[:, i:i + 1], cache, last_only) for i in range(tokens.shape[1])]
         return logits[-1] if last_only else torch.cat(logits, dim=1)
     tokens = tokens.to(model.embedding.weight.device)
-    with moe_capacity(model, 0.0):
-        if empty:
+    if empty:
+        with moe_capacity(model, 0.0):  # a step has none (SwitchMoE.step)
             h = model.embed(tokens)
             for name, block in model.layers.items():
                 h = block.forward_cached(h, cache.states.get(name), True)
             logits = model.head(h[:, -1:] if last_only else h)
-        else:  # compiled by megamoe.inference.compiled.compile_decoding, if it was called
-            logits = model.__dict__.get("compiled_step", decode_step)(model, tokens, cache.states)
+    else:  # compiled by megamoe.inference.compiled.compile_decoding, if it was called
+        logits = model.__dict__.get("compiled_step", decode_step)(model, tokens, cache.states)
     cache.lengths = [n + tokens.shape[1] for n in cache.lengths]
     group = tp_group(model)
     return logits if group is None else gather_from_tp(logits, group)  # the vocabulary's shards, in order

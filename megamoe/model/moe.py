@@ -389,15 +389,19 @@ class SwitchMoE(nn.Module):
         return out.reshape(*shape[:-1], out.shape[-1])
 
     def step(self, h: torch.Tensor) -> torch.Tensor:
-        """forward() for a decode step (a few tokens, no autograd, no capacity limit, every expert here): each
-        token through its chosen experts' weights as stored, with none of the dispatch bookkeeping (the sort, the
-        capacity queue, the stats), which costs more than a step's matrix-vector products. Else forward()."""
+        """forward() for a decode step, which drops no token (no capacity limit). A few tokens, no autograd, every
+        expert here: each token through its chosen experts' weights as stored, with none of the dispatch
+        bookkeeping (the sort, the capacity queue, the stats), which costs more than a step's matrix-vector
+        products. Else forward() with capacity_factor 0."""
         x = h.reshape(-1, h.shape[-1])
         many = x.shape[0] > 16 and not torch.compiler.is_compiling()  # (eager: forward's grouped products)
-        if (torch.is_grad_enabled() or self.training or self.capacity_factor or many
-                or not isinstance(self.dispatcher, LocalDispatcher) or self.routing.force_load_balancing
-                or getattr(self.experts, "etp_group", None) is not None):
-            return self(h)
+        if (torch.is_grad_enabled() or self.training or many or not isinstance(self.dispatcher, LocalDispatcher)
+                or self.routing.force_load_balancing or getattr(self.experts, "etp_group", None) is not None):
+            saved, self.capacity_factor = self.capacity_factor, 0.0
+            try:
+                return self(h)
+            finally:
+                self.capacity_factor = saved
         logits = linear(x.float(), self.router.weight.float())
         gates, _ = router_scores(logits, self.routing.score_function)
         expert_index, weights = token_choice(logits, gates, self.top_k, self.routing, self.router.expert_bias)

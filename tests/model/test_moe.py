@@ -240,3 +240,20 @@ def test_decode_step_equals_forward(options):
                 torch.testing.assert_close(moe.step(x), moe(x), rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_decode_step_drops_no_token_whatever_the_capacity():
+    """A step of a model trained with a capacity limit is forward() without one (it drops no token), on its
+    own path (a few tokens) and on forward()'s (more than 16, or under autograd); the configured factor stays."""
+    torch.manual_seed(0)
+    moe = SwitchMoE(32, num_experts=4, d_expert=64, capacity_factor=0.5).eval()
+    uncapped = SwitchMoE(32, num_experts=4, d_expert=64, capacity_factor=0).eval()
+    uncapped.load_state_dict(moe.state_dict())
+    for rows, grad in ((1, False), (8, False), (24, False), (8, True)):
+        x = torch.randn(rows, 1, 32)
+        with torch.set_grad_enabled(grad):
+            out = moe.step(x)
+            torch.testing.assert_close(out, uncapped(x), rtol=1e-5, atol=1e-5)
+            if rows == 24:  # a capacity of 0.5 drops tokens here: the limit would change the result
+                assert not torch.allclose(out, moe(x), atol=1e-3)
+        assert moe.capacity_factor == 0.5
