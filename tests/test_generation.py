@@ -219,6 +219,29 @@ def test_memory_per_sequence_is_constant_for_mamba_and_moe():
     assert cache.nbytes() > before  # a KV cache grows with the length
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_what_a_step_hands_back_takes_in_place_updates(name):
+    """A Mamba model's steps run under torch.inference_mode (no autograd dispatch): the logits they return and
+    the states they advance are plain tensors, which generation masks, and slots insert and release, in place."""
+    model = tiny_model(**MODELS[name])
+    cache, other = allocate_cache(model, 2), allocate_cache(model, 1)
+    forward_cached(model, tokens(2, 3), cache)
+    forward_cached(model, tokens(1, 4, seed=1), other)
+    for t in range(3):
+        logits = forward_cached(model, tokens(2, 1, seed=t), cache)
+        forward_cached(model, tokens(1, 1, seed=t), other)
+    states = [t for s in cache.states.values() for t in (s if isinstance(s, tuple) else (s.k, s.v))]
+    assert not logits.is_inference() and not any(t.is_inference() for t in states)
+    logits[:, :, 0] = float("-inf")
+    alone = copy.deepcopy(other)
+    cache.insert([1], other)
+    cache.release([0])
+    assert cache.lengths == [0, 7]
+    step = tokens(2, 1, seed=9)
+    torch.testing.assert_close(forward_cached(model, step, cache)[1], forward_cached(model, step[1:], alone)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_batched_generation_does_not_depend_on_the_batch():
     """With a capacity limit a full forward drops tokens; generation runs MoE without one, so every sequence
     decodes as it would alone, and the model keeps its capacity_factor."""

@@ -165,8 +165,14 @@ def forward_cached(model, tokens: torch.Tensor, cache: InferenceCache, last_only
             for name, block in model.layers.items():
                 h = block.forward_cached(h, cache.states.get(name), True)
             logits = model.head(h[:, -1:] if last_only else h)
-    else:  # compiled by megamoe.inference.compiled.compile_decoding, if it was called
-        logits = model.__dict__.get("compiled_step", decode_step)(model, tokens, cache.states)
+    else:  # a step, compiled by megamoe.inference.compiled.compile_decoding if it was called
+        step = model.__dict__.get("compiled_step", decode_step)
+        if any(isinstance(state, KVCache) for state in cache.states.values()):  # it may grow a KV cache, which
+            logits = step(model, tokens, cache.states)  # as an inference tensor could not be updated outside
+        else:  # Mamba states, allocated outside and updated in place: no autograd dispatch at all (0.93 of an
+            with torch.inference_mode():  # eager step on CPU)
+                logits = step(model, tokens, cache.states)
+            logits = logits.clone()  # a plain tensor, which callers may mask in place
     cache.lengths = [n + tokens.shape[1] for n in cache.lengths]
     group = tp_group(model)
     return logits if group is None else gather_from_tp(logits, group)  # the vocabulary's shards, in order
