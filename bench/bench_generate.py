@@ -20,11 +20,12 @@ model's steps through torch.compile (megamoe.inference.compiled, --compile of ge
 for each batch size before the timed rows.
 
 Floor (batch 1): the bytes one step must read, the active weights (the dense ones, the chosen expert of each MoE
-layer, the whole LM head) and the cache, over this machine's memory bandwidth, measured here as the best of a few
-sums over a 512 MiB buffer (far beyond the caches) on the same threads. Targets: Mamba's cache flat in the
-context; MoE-Mamba's decode at 16k >= 4x the Transformer-MoE's tokens/s; MoE-Mamba's batch-1 step
-within 1.5x of its floor at every context (the summary gives the worst). With --bf16 the weights (and so the
-floor's bytes) are bfloat16.
+layer, the whole LM head) and the cache, over this machine's memory bandwidth, measured as the best of the sums
+over a 512 MiB buffer (far beyond the caches), on the same threads, made between the turns of that row's steps
+(the "read GB/s" column), so that a drift of this shared machine moves the floor with the steps. Targets:
+Mamba's cache flat in the context; MoE-Mamba's decode at 16k >= 4x the Transformer-MoE's tokens/s; MoE-Mamba's
+batch-1 step within 1.5x of its floor at every context (the summary gives the worst). With --bf16 the weights
+(and so the floor's bytes) are bfloat16.
 """
 from __future__ import annotations
 
@@ -83,12 +84,14 @@ def filled_cache(model, batch: int, context: int, steps: int):
     return cache
 
 
-def decode_step_times(models: dict, batch: int, context: int, steps: int, turn: int = 8) -> dict:
-    """{name: (median seconds per step, cache bytes per sequence after the steps)}. The models take turns of
-    `turn` steps until each has `steps` timed ones, so that a change in this shared machine's speed during the run
-    is felt by each alike, while the steps of a turn follow one another as a decode's do. A turn's first step is
-    not timed: it finds the caches full of the other models' weights and cache (with turn 1, every step does)."""
-    timed = turn - 1 if turn > 1 else 1
+def decode_step_times(models: dict, batch: int, context: int, steps: int, buffer: torch.Tensor,
+                      turn: int = 8) -> tuple:
+    """({name: (median seconds per step, cache bytes per sequence after the steps)}, bytes/s of the best sum of
+    `buffer` made between the rounds of turns). The models take turns of `turn` steps until each has `steps`
+    timed ones, so that a change in this shared machine's speed during the run is felt by each alike, while the
+    steps of a turn follow one another as a decode's do. A turn's first step is not timed: it finds the caches
+    full of the other models' weights and cache (with turn 1, every step does)."""
+    timed, reads = (turn - 1 if turn > 1 else 1), []
     total = -(-steps // timed) * turn + (2 if turn == 1 else 0)
     runs = {name: [model, filled_cache(model, batch, context, total),
                    torch.randint(0, model.cfg.vocab_size, (batch, 1)), []] for name, model in models.items()}
@@ -100,7 +103,12 @@ def decode_step_times(models: dict, batch: int, context: int, steps: int, turn: 
                 run[2] = forward_cached(model, run[2], cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
                 if i >= 0 and (j > 0 or turn == 1) and len(times) < steps:  # turn 1: two warm-up steps first
                     times.append(time.perf_counter() - start)
-    return {name: (statistics.median(run[3]), run[1].nbytes() // batch) for name, run in runs.items()}
+        if turn > 1 or i % 8 == 7:  # turn 1: every 8th round, from the last warm-up one (i = -1)
+            start = time.perf_counter()
+            buffer.sum()
+            reads.append(time.perf_counter() - start)
+    return ({name: (statistics.median(run[3]), run[1].nbytes() // batch) for name, run in runs.items()},
+            buffer.nbytes / min(reads))
 
 
 def product_rate(product, x: torch.Tensor, weight: torch.Tensor, reps: int = 5) -> float:
@@ -196,31 +204,34 @@ def main(argv=None):
     print(f"d_model {args.d_model}, {2 * args.blocks} blocks, {args.experts} experts, vocab {args.vocab}, "
           f"{'bf16' if args.bf16 else 'fp32'}, "
           f"{args.threads} threads; median of {args.steps} greedy steps, in turns of {args.turn}; "
-          "memory read bandwidth "
+          "memory read bandwidth at the start "
           f"{bandwidth / 1e9:.1f} GB/s" + ("" if args.no_compile else f"; compiled in {compiling:.1f} s"))
     for name, (_, counts, cfg) in models.items():
         print(f"{name}: pattern {cfg.pattern}, d_expert {cfg.resolved_d_expert}, {counts['total'] / 1e6:.2f}M "
               f"parameters, {counts['active_non_embedding'] / 1e6:.2f}M active without embeddings")
-    print("| model | context | batch | step ms | tokens/s | cache MiB / sequence | floor ms | step / floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | context | batch | step ms | tokens/s | cache MiB / sequence | read GB/s | floor ms | "
+          "step / floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    buffer = torch.ones(512 * 2 ** 18)
     speed, cache_size, over_floor, rows = {}, {}, {}, {}
     for context in args.contexts:
         for batch in args.batches:
-            measured = decode_step_times({name: m[0] for name, m in models.items()}, batch, context, args.steps,
-                                        args.turn)
+            measured, row_bandwidth = decode_step_times({name: m[0] for name, m in models.items()}, batch, context,
+                                                        args.steps, buffer, args.turn)
             for name, (seconds, cache_bytes) in measured.items():
                 speed[name, context, batch] = batch / seconds
                 cache_size[name, context] = cache_bytes
-                floor = ratio = "-"
+                read = floor = ratio = "-"
                 if batch == 1:
                     model, counts, _ = models[name]
-                    floor_s = step_bytes(model, counts, cache_bytes) / bandwidth
-                    floor, ratio = f"{1e3 * floor_s:.2f}", f"{seconds / floor_s:.2f}x"
+                    floor_s = step_bytes(model, counts, cache_bytes) / row_bandwidth
+                    read, floor = f"{row_bandwidth / 1e9:.1f}", f"{1e3 * floor_s:.2f}"
+                    ratio = f"{seconds / floor_s:.2f}x"
                     if name.startswith("MoE-Mamba"):  # the worst over the contexts
                         over_floor[name] = max(over_floor.get(name, 0.0), seconds / floor_s)
                 rows[name, context, batch] = (f"| {name} | {context} | {batch} | {1e3 * seconds:.2f} | "
-                                              f"{batch / seconds:,.0f} | {cache_bytes / 2 ** 20:.2f} | {floor} | "
-                                              f"{ratio} |")
+                                              f"{batch / seconds:,.0f} | {cache_bytes / 2 ** 20:.2f} | {read} | "
+                                              f"{floor} | {ratio} |")
     for key in sorted(rows, key=lambda k: (list(models).index(k[0]), k[1], k[2])):
         print(rows[key])
     longest = args.contexts[-1]
