@@ -397,11 +397,8 @@ class SwitchMoE(nn.Module):
         many = x.shape[0] > 16 and not torch.compiler.is_compiling()  # (eager: forward's grouped products)
         if (torch.is_grad_enabled() or self.training or many or not isinstance(self.dispatcher, LocalDispatcher)
                 or self.routing.force_load_balancing or getattr(self.experts, "etp_group", None) is not None):
-            saved, self.capacity_factor = self.capacity_factor, 0.0
-            try:
+            with moe_capacity(self, 0.0):
                 return self(h)
-            finally:
-                self.capacity_factor = saved
         logits = linear(x.float(), self.router.weight.float())
         gates, _ = router_scores(logits, self.routing.score_function)
         expert_index, weights = token_choice(logits, gates, self.top_k, self.routing, self.router.expert_bias)
